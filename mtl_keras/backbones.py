@@ -1,0 +1,105 @@
+"""Shared trunks: VGG-style conv blocks with a TaskRouting layer after each conv.
+
+A backbone is a functional `keras.Model` from `{"image", "task"}` (the task
+input only when it routes) to features `[batch, features]`; the heads and
+the losses belong to `MultiTaskModel` (keras-hub's backbone / task split).
+The same builder gives the Task Routing model (`sigma < 1`), the hard-sharing
+baseline (`sigma = 1`, no routing layers) and the single-task baseline (one
+task, `sigma = 1`).
+"""
+
+import keras
+
+from mtl_keras.layers.task_routing import TaskRouting
+
+
+def vgg_filters(width=32, depth=4, max_width=None):
+    """Filters per block: `width` doubled at each block, capped at `max_width` (default `8 * width`)."""
+    if width < 1 or depth < 1:
+        raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}.")
+    cap = max_width or 8 * width
+    return tuple(min(width * 2**i, cap) for i in range(depth))
+
+
+def conv_backbone(
+    input_shape,
+    num_tasks,
+    sigma=1.0,
+    filters=(32, 64, 128, 256),
+    convs_per_block=1,
+    dense_units=(),
+    routing="auto",
+    routing_mode="partition",
+    seed=None,
+    batch_norm=True,
+    name="conv_backbone",
+):
+    """A VGG-style trunk; with routing, a `TaskRouting` after every conv and dense layer.
+
+    Each block is `convs_per_block` times `Conv2D(3x3) -> BatchNorm ->
+    TaskRouting -> ReLU` (routing after batch norm, before the ReLU, where the
+    authors' routed VGG puts it), then a 2x2 max pool; after the last block a
+    global average pool and optional `Dense -> TaskRouting -> ReLU` layers.
+
+    Args:
+        input_shape: image shape, e.g. `(32, 32, 1)`.
+        num_tasks: number of tasks (rows of each routing mask).
+        sigma: sharing ratio of every routing layer, in `[0, 1]`.
+        filters: filters of each block (see `vgg_filters`).
+        convs_per_block: conv layers per block.
+        dense_units: widths of dense layers after pooling (routed as well).
+        routing: True, False, or `"auto"` (route when `sigma < 1`). Without
+            routing the backbone has no `task` input.
+        routing_mode: `"partition"` or `"independent"`, see `routing_masks`.
+        seed: seed of the routing masks; layer i uses `seed + i`. None draws a
+            random seed per layer (recorded in the config).
+        batch_norm: whether to normalise after each conv.
+        name: model name.
+
+    Returns:
+        A functional `keras.Model`.
+
+    Example:
+
+    >>> trunk = conv_backbone((32, 32, 1), num_tasks=50, sigma=0.5, seed=0)
+    >>> trunk({"image": np.zeros((2, 32, 32, 1)), "task": np.array([0, 7])}).shape
+    (2, 256)
+    """
+    if routing == "auto":
+        routing = float(sigma) < 1.0
+    image = keras.Input(shape=tuple(input_shape), name="image")
+    inputs = {"image": image}
+    if routing:
+        task = keras.Input(shape=(), dtype="int32", name="task")
+        inputs["task"] = task
+    x = image
+    n_routing = 0
+
+    def route(x):
+        nonlocal n_routing
+        if routing:
+            layer_seed = None if seed is None else int(seed) + n_routing
+            x = TaskRouting(num_tasks, sigma, seed=layer_seed, mode=routing_mode, name=f"routing_{n_routing}")(x, task)
+            n_routing += 1
+        return x
+
+    for b, f in enumerate(filters):
+        for c in range(convs_per_block):
+            x = keras.layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"block{b}_conv{c}")(x)
+            if batch_norm:
+                x = keras.layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
+            x = route(x)
+            x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
+        if x.shape[1] is not None and x.shape[1] >= 2 and x.shape[2] >= 2:
+            x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    for i, units in enumerate(dense_units):
+        x = keras.layers.Dense(units, name=f"dense{i}")(x)
+        x = route(x)
+        x = keras.layers.ReLU(name=f"dense{i}_relu")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def routing_layers(model):
+    """All `TaskRouting` layers inside `model`, in graph order."""
+    return [l for l in model._flatten_layers(include_self=False) if isinstance(l, TaskRouting)]

@@ -1,0 +1,4 @@
+"""Custom Keras layers of mtl-keras."""
+
+from mtl_keras.layers.task_head import TaskHead
+from mtl_keras.layers.task_routing import TaskRouting, routing_masks

@@ -1,0 +1,156 @@
+"""TaskHead: a task's estimator (identical across tasks) and its own output layer."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class TaskHead(keras.layers.Layer):
+    """The per-task head on a shared trunk: an *estimator* and an *output layer*.
+
+    The estimator is a stack of `Dense` layers with the same shape for every
+    task (`hidden_units`), so the estimators of different tasks are
+    interchangeable: Selective Sharing lets a group of tasks use one
+    estimator (`drop_estimator` removes a head's own; the model then feeds it
+    the features of the group's estimator) while every task keeps its own
+    output layer of `num_outputs` units, since output sizes differ.
+
+    Args:
+        num_outputs: width of the task's output (classes, 1 logit, or
+            regression targets).
+        hidden_units: widths of the estimator's Dense layers; `()` makes the
+            head a single output layer.
+        activation: activation of the estimator's layers.
+        dropout: dropout rate after each estimator layer.
+        has_estimator: False for a head whose estimator was dropped in a
+            merge (set by `drop_estimator`; stored in the config so a loaded
+            model has the same layers as the saved one).
+        kernel_regularizer: optional regularizer of every kernel.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: features `[batch, features]`.
+        training: whether dropout is active.
+
+    Returns:
+        Logits `[batch, num_outputs]`.
+
+    Example:
+
+    >>> head = TaskHead(num_outputs=26, hidden_units=(128,))
+    >>> head(np.zeros((4, 64), "float32")).shape
+    (4, 26)
+    """
+
+    def __init__(
+        self,
+        num_outputs,
+        hidden_units=(128,),
+        activation="relu",
+        dropout=0.0,
+        has_estimator=True,
+        kernel_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_outputs = int(num_outputs)
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        if any(u < 1 for u in self.hidden_units):
+            raise ValueError(f"hidden_units must be positive ints, got {hidden_units!r}.")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        self.activation = keras.activations.get(activation)
+        self.dropout = float(dropout)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        name = self.name
+        self.estimator_layers = [
+            keras.layers.Dense(
+                u, kernel_regularizer=self.kernel_regularizer, name=f"{name}_estimator_{i}"
+            )
+            for i, u in enumerate(self.hidden_units)
+        ] if has_estimator else []
+        self.output_layer = keras.layers.Dense(
+            self.num_outputs, kernel_regularizer=self.kernel_regularizer, name=f"{name}_output"
+        )
+        self.dropout_layer = keras.layers.Dropout(self.dropout) if self.dropout else None
+
+    @property
+    def has_estimator(self):
+        return bool(self.estimator_layers) or not self.hidden_units
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        for layer in self.estimator_layers:
+            layer.build((None, dim))
+            dim = layer.units
+        self.output_layer.build((None, self.hidden_units[-1] if self.hidden_units else dim))
+        self.built = True
+
+    def estimate(self, inputs, training=False):
+        """Runs the estimator alone: the features the output layer sees."""
+        if not self.has_estimator:
+            raise ValueError(
+                f"TaskHead {self.name!r} shares another head's estimator (its own was dropped "
+                "by a merge); run it through the MultiTaskModel, which routes it to its group."
+            )
+        x = inputs
+        for layer in self.estimator_layers:
+            x = self.activation(layer(x))
+            if self.dropout_layer is not None:
+                x = self.dropout_layer(x, training=training)
+        return x
+
+    def call(self, inputs, training=False):
+        return self.output_layer(self.estimate(inputs, training=training))
+
+    def drop_estimator(self):
+        """Removes this head's estimator layers (their variables go with them).
+
+        Used when Selective Sharing merges this task into a group whose
+        estimator lives in another head.
+        """
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        self.estimator_layers.clear()
+        if locked:
+            self._tracker.lock()
+
+    def estimator_variables(self):
+        """The estimator's trainable variables, in layer order."""
+        return [v for layer in self.estimator_layers for v in layer.trainable_variables]
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.num_outputs,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_outputs=self.num_outputs,
+            hidden_units=list(self.hidden_units),
+            activation=keras.activations.serialize(self.activation),
+            dropout=self.dropout,
+            has_estimator=self.has_estimator,
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
+        )
+        return config
+
+
+def stacked_estimator_weights(heads, owners):
+    """Kernels and biases of the given heads' estimators, stacked per layer.
+
+    Args:
+        heads: the model's `TaskHead`s.
+        owners: indices of the heads whose estimators to stack.
+
+    Returns:
+        A list with one `(kernels [E, in, out], biases [E, out])` pair per
+        estimator layer.
+    """
+    depth = len(heads[owners[0]].estimator_layers)
+    return [
+        (
+            ops.stack([heads[o].estimator_layers[l].kernel.value for o in owners]),
+            ops.stack([heads[o].estimator_layers[l].bias.value for o in owners]),
+        )
+        for l in range(depth)
+    ]

@@ -1,0 +1,510 @@
+"""MultiTaskModel: a shared (optionally routed) trunk, one head per task, one step for all.
+
+Data comes in one of two forms, told apart by whether the inputs carry a
+`task` key:
+
+- **One task per example** (e.g. Omniglot: an image belongs to one alphabet):
+  `x = {"image": [B, ...], "task": [B] int}`, `y = [B]` (class index, 0/1,
+  or a regression value) or `[B, label_width]`. Each example is one
+  (example, task) pair.
+- **Several labelled tasks per example** (attribute data, e.g. CelebA's 40):
+  `x = {"image": [B, ...]}` (or the image tensor itself), `y = [B, T]`, with
+  NaN (or a negative class) marking a missing label and an optional
+  `sample_weight` of shape `[B, T]`. In training each example is routed
+  through `tasks_per_step` of its labelled tasks, sampled per example
+  (`task_sampling="per_example"`) or once for the whole batch
+  (`"per_batch"`, the authors' schedule with `tasks_per_step=1`); in
+  evaluation through all of them.
+
+Either way the step works on a flat batch of P (example, task) pairs: the
+trunk runs once per pair when it is routed (its features depend on the task)
+and once per example otherwise; every task head is evaluated in one
+vectorised pass that picks each pair's own head; losses and metrics of all
+tasks come from segment sums over the pairs' task ids. Nothing in the step
+loops over tasks in Python, so its cost grows slowly with the task count.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from mtl_keras.layers.task_head import TaskHead, stacked_estimator_weights
+from mtl_keras.metrics import PerTaskMean
+from mtl_keras.task_losses import TaskTable, gather_task_logits, pair_losses, pair_metrics, sanitize_labels
+from mtl_keras.tasks import TaskSet
+from mtl_keras.weighting import get_weighting
+
+TASK_SAMPLING = ("per_example", "per_batch")
+
+
+def _num_replicas():
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def _all_reduce_sum(value):
+    """Sums a tensor over replicas (identity with one replica)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class MultiTaskModel(keras.Model):
+    """A many-task model: shared trunk, per-task heads, a vectorised train step.
+
+    Args:
+        backbone: a `keras.Model` mapping `{"image": ..., "task": ...}` (the
+            `task` input only when it routes, see `backbones.conv_backbone`)
+            to features `[batch, features]`.
+        tasks: a `TaskSet` (or list of `Task`s); task ids index into it.
+        head_units: widths of each `TaskHead`'s estimator.
+        head_activation: activation of the estimators.
+        head_dropout: dropout after each estimator layer.
+        head_regularizer: optional kernel regularizer of the heads.
+        tasks_per_step: for several-tasks-per-example data, how many of an
+            example's tasks each training step routes it through.
+        task_sampling: `"per_example"` or `"per_batch"`.
+        weighting: a weighting name or `Weighting` (default: equal weights),
+            see `mtl_keras.weighting`.
+        estimator_of_task: for each task, the index of the head whose
+            estimator it uses (identity by default); set by Selective Sharing
+            merges and saved with the model.
+        seed: seed of the task sampling.
+        **kwargs: `keras.Model` arguments (`name`, ...).
+
+    Example:
+
+    >>> tasks = TaskSet([Task("a", "multiclass", 5), Task("b", "binary", 1)])
+    >>> backbone = conv_backbone((28, 28, 1), num_tasks=2, sigma=0.5, seed=0)
+    >>> model = MultiTaskModel(backbone, tasks)
+    >>> model.compile(optimizer="adam")
+    >>> model.fit(dataset, epochs=1)  # ({"image", "task"}, label) batches
+    """
+
+    def __init__(
+        self,
+        backbone,
+        tasks,
+        head_units=(128,),
+        head_activation="relu",
+        head_dropout=0.0,
+        head_regularizer=None,
+        tasks_per_step=1,
+        task_sampling="per_example",
+        weighting=None,
+        estimator_of_task=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.tasks = tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)
+        self.table = TaskTable(self.tasks)
+        num_tasks = len(self.tasks)
+        if not isinstance(tasks_per_step, int) or tasks_per_step < 1:
+            raise ValueError(f"tasks_per_step must be a positive int, got {tasks_per_step!r}.")
+        if task_sampling not in TASK_SAMPLING:
+            raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, got {task_sampling!r}.")
+        self.tasks_per_step = tasks_per_step
+        self.task_sampling = task_sampling
+        self.head_units = tuple(int(u) for u in head_units)
+        self.head_activation = keras.activations.get(head_activation)
+        self.head_dropout = float(head_dropout)
+        self.head_regularizer = keras.regularizers.get(head_regularizer)
+        self.seed = seed
+
+        self.backbone = backbone
+        self.backbone_input_names = [t.name for t in backbone.inputs]
+        self.routed = "task" in self.backbone_input_names
+        feature_dim = backbone.outputs[0].shape[-1]
+        if len(backbone.outputs[0].shape) != 2 or feature_dim is None:
+            raise ValueError(
+                "The backbone must output features of shape [batch, features] with a known "
+                f"feature size; got {backbone.outputs[0].shape}. End it with pooling or Flatten."
+            )
+
+        owners = list(range(num_tasks)) if estimator_of_task is None else [int(o) for o in estimator_of_task]
+        self._check_owners(owners)
+        self.estimator_of_task = owners
+        self.heads = [
+            TaskHead(
+                task.num_outputs,
+                hidden_units=self.head_units,
+                activation=head_activation,
+                dropout=0.0,  # applied by the model, once for all heads
+                has_estimator=owners[i] == i,
+                kernel_regularizer=self.head_regularizer,
+                name=f"head_{i}",
+            )
+            for i, task in enumerate(self.tasks)
+        ]
+        for head in self.heads:
+            head.build((None, feature_dim))
+        self.dropout_layer = keras.layers.Dropout(self.head_dropout) if self.head_dropout else None
+
+        self.weighting = get_weighting(weighting)
+        self.weighting.build(num_tasks)
+
+        names = list(self.tasks.names)
+        self.task_loss_tracker = PerTaskMean(names, "loss", name="task_loss")
+        self.task_metric_trackers = [
+            PerTaskMean(names, m, active=self.table.metric_active[m], name=f"task_{m}")
+            for m in self.table.metric_names
+        ]
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.gradient_observers = []
+        self.built = True
+
+    # ------------------------------------------------------------------ groups
+    def _check_owners(self, owners):
+        n = len(self.tasks)
+        if len(owners) != n:
+            raise ValueError(f"estimator_of_task needs one entry per task ({n}), got {len(owners)}.")
+        for t, o in enumerate(owners):
+            if not 0 <= o < n:
+                raise ValueError(f"estimator_of_task[{t}] = {o} is not a task index in [0, {n}).")
+            if owners[o] != o:
+                raise ValueError(
+                    f"estimator_of_task[{t}] = {o}, but task {o} itself uses the estimator of "
+                    f"task {owners[o]}: an owner must use its own estimator."
+                )
+
+    @property
+    def estimator_owners(self):
+        """Sorted indices of the tasks whose heads hold an estimator."""
+        return sorted(set(self.estimator_of_task))
+
+    @property
+    def task_groups(self):
+        """The groups of tasks sharing one estimator: `{owner: [task ids]}`."""
+        groups = {}
+        for t, o in enumerate(self.estimator_of_task):
+            groups.setdefault(o, []).append(t)
+        return groups
+
+    def set_estimator_of_task(self, estimator_of_task):
+        """Regroups the heads: task t will use the estimator of head `estimator_of_task[t]`.
+
+        Estimators no longer used by any task are dropped with their
+        variables; no variable is created, so the optimizer (built on the
+        original variables) goes on with the surviving weights' state. A task
+        cannot get back an estimator once it was dropped. Compiled step
+        functions are rebuilt at their next use, so this is safe to call from
+        a callback during `fit()`.
+
+        Args:
+            estimator_of_task: list with one head index per task.
+
+        Returns:
+            The list of head indices whose estimators were dropped.
+        """
+        owners = [int(o) for o in estimator_of_task]
+        self._check_owners(owners)
+        for o in sorted(set(owners)):
+            if not self.heads[o].has_estimator:
+                users = [t for t, u in enumerate(owners) if u == o]
+                raise ValueError(
+                    f"Tasks {users} cannot use head {o}'s estimator: it was dropped earlier "
+                    "(merges are final; group them under a head that still has its estimator)."
+                )
+        dropped = [i for i in self.estimator_owners if i not in set(owners)]
+        for i in dropped:
+            self.heads[i].drop_estimator()
+        self.estimator_of_task = owners
+        if self.train_function is not None:
+            # fit() fetches `self.train_function` before every step, so a
+            # retrace here takes effect at the next step of the same fit().
+            self.make_train_function(force=True)
+        self.test_function = None
+        self.predict_function = None
+        return dropped
+
+    # ----------------------------------------------------------------- forward
+    def _image_inputs(self, x):
+        if not isinstance(x, dict):
+            x = {"image": x}
+        return {
+            k: ops.convert_to_tensor(v)
+            for k, v in x.items()
+            if k in self.backbone_input_names and k != "task"
+        }
+
+    def _features(self, images, task_ids, training):
+        inputs = dict(images)
+        if self.routed:
+            inputs["task"] = task_ids
+        if len(inputs) == 1:
+            inputs = next(iter(inputs.values()))
+        return self.backbone(inputs, training=training)
+
+    def heads_forward(self, features, task_ids, training=False):
+        """Each pair's own head applied to its features, all heads in one pass.
+
+        Args:
+            features: `[P, features]`.
+            task_ids: `[P]` int32.
+            training: whether dropout is active.
+
+        Returns:
+            `[P, max_outputs]` logits (see `task_losses.gather_task_logits`).
+        """
+        h = ops.cast(features, "float32")
+        owners = self.estimator_owners
+        if self.head_units:
+            slot_of_owner = {o: i for i, o in enumerate(owners)}
+            slot_of_task = np.array([slot_of_owner[o] for o in self.estimator_of_task], "int32")
+            slot = ops.take(ops.convert_to_tensor(slot_of_task), task_ids)
+            for kernels, biases in stacked_estimator_weights(self.heads, owners):
+                # One gathered kernel per pair: [P, in, out], then a batched matvec.
+                h = ops.einsum("pi,pio->po", h, ops.take(kernels, slot, axis=0))
+                h = self.head_activation(h + ops.take(biases, slot, axis=0))
+                if self.dropout_layer is not None:
+                    h = self.dropout_layer(h, training=training)
+        out_kernel = ops.concatenate(
+            [hd.output_layer.kernel.value for hd in self.heads], axis=1
+        )
+        out_bias = ops.concatenate(
+            [hd.output_layer.bias.value for hd in self.heads], axis=0
+        )
+        all_logits = ops.matmul(h, out_kernel) + out_bias
+        return gather_task_logits(all_logits, task_ids, self.table)
+
+    def call(self, inputs, training=False):
+        """Logits `[B, max_outputs]` of each example's task (inputs with a
+        `task` key), else `[B, T, max_outputs]` for every task."""
+        images = self._image_inputs(inputs)
+        if isinstance(inputs, dict) and "task" in inputs:
+            task_ids = ops.cast(ops.reshape(inputs["task"], (-1,)), "int32")
+            features = self._features(images, task_ids, training)
+            return self.heads_forward(features, task_ids, training)
+        batch = ops.shape(next(iter(images.values())))[0]
+        num_tasks = len(self.tasks)
+        rows, task_ids = self._all_task_pairs(batch)
+        logits = self._pairs_forward(images, rows, task_ids, training)
+        return ops.reshape(logits, (batch, num_tasks, self.table.max_outputs))
+
+    def _all_task_pairs(self, batch):
+        num_tasks = len(self.tasks)
+        rows = ops.repeat(ops.arange(batch, dtype="int32"), num_tasks)
+        task_ids = ops.tile(ops.arange(num_tasks, dtype="int32"), [batch])
+        return rows, task_ids
+
+    def _pairs_forward(self, images, rows, task_ids, training):
+        if rows is None:
+            features = self._features(images, task_ids, training)
+        elif self.routed:
+            repeated = {k: ops.take(v, rows, axis=0) for k, v in images.items()}
+            features = self._features(repeated, task_ids, training)
+        else:
+            # The trunk does not depend on the task: run it once per example.
+            features = ops.take(self._features(images, None, training), rows, axis=0)
+        return self.heads_forward(features, task_ids, training)
+
+    # ------------------------------------------------------------------- pairs
+    def make_pairs(self, x, y, sample_weight=None, training=False):
+        """Flattens a batch into (example, task) pairs.
+
+        Returns:
+            A dict with `images` (the image inputs), `rows` (`[P]` example of
+            each pair, or None when pairs are examples), `task_ids` `[P]`,
+            `labels` `[P, label_width]` and `weights` `[P]` (0 for missing
+            labels).
+        """
+        images = self._image_inputs(x)
+        table = self.table
+        if isinstance(x, dict) and "task" in x:
+            task_ids = ops.cast(ops.reshape(x["task"], (-1,)), "int32")
+            labels, present = sanitize_labels(y, task_ids, table)
+            weights = ops.cast(present, "float32")
+            if sample_weight is not None:
+                weights = weights * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
+            return dict(images=images, rows=None, task_ids=task_ids, labels=labels, weights=weights)
+
+        num_tasks = len(self.tasks)
+        y = ops.cast(y, "float32")
+        if len(y.shape) != 2 or y.shape[-1] != num_tasks:
+            raise ValueError(
+                f"Inputs have no 'task' key, so labels must be [batch, {num_tasks}] (one column per "
+                f"task, NaN where missing); got shape {y.shape}. For one task per example, add "
+                "x['task'] with each example's task id."
+            )
+        if table.label_width != 1:
+            raise ValueError(
+                "Several-tasks-per-example data needs one label value per task; a regression "
+                "task with num_outputs > 1 must come as one task per example."
+            )
+        available = ops.isfinite(y)
+        is_class = ops.convert_to_tensor(np.logical_not(table.is_regression))[None, :]
+        available = ops.logical_and(available, ops.logical_or(ops.logical_not(is_class), y >= 0))
+        avail_w = ops.cast(available, "float32")
+        if sample_weight is not None:
+            avail_w = avail_w * ops.cast(sample_weight, "float32")
+        batch = ops.shape(y)[0]
+        k = min(self.tasks_per_step, num_tasks) if training else num_tasks
+        if k == num_tasks:
+            rows, task_ids = self._all_task_pairs(batch)
+            labels = ops.reshape(y, (-1,))
+            weights = ops.reshape(avail_w, (-1,))
+        else:
+            # Gumbel top-k: k distinct tasks, uniformly among the labelled ones.
+            if self.task_sampling == "per_batch":
+                shape, has = (1, num_tasks), ops.any(avail_w > 0, axis=0, keepdims=True)
+            else:
+                shape, has = (batch, num_tasks), avail_w > 0
+            u = keras.random.uniform(shape, 1e-9, 1.0, seed=self.seed_generator)
+            scores = ops.where(has, -ops.log(-ops.log(u)), -1e9)
+            scores = ops.broadcast_to(scores, (batch, num_tasks))
+            _, chosen = ops.top_k(scores, k)
+            chosen = ops.cast(chosen, "int32")
+            rows = ops.repeat(ops.arange(batch, dtype="int32"), k)
+            task_ids = ops.reshape(chosen, (-1,))
+            labels = ops.reshape(ops.take_along_axis(y, chosen, axis=1), (-1,))
+            weights = ops.reshape(ops.take_along_axis(avail_w, chosen, axis=1), (-1,))
+        labels, present = sanitize_labels(labels, task_ids, table)
+        weights = weights * ops.cast(present, "float32")
+        return dict(images=images, rows=rows, task_ids=task_ids, labels=labels, weights=weights)
+
+    # ------------------------------------------------------------------ losses
+    def task_losses(self, losses, task_ids, weights):
+        """Per-task losses of a batch, exact under a distribution strategy.
+
+        Each task's loss is its weighted mean over the pairs of the *global*
+        batch: this replica contributes `sum of its pairs' losses / global
+        count`, so the replicas' contributions add up to the global mean and,
+        as the optimizer sums gradients over replicas, a step on R replicas
+        equals one on a single device with the same global batch.
+
+        Returns:
+            `(task_losses [T], present [T] bool, global_task_losses [T])`.
+        """
+        num_tasks = len(self.tasks)
+        local_sum = ops.segment_sum(losses * weights, task_ids, num_segments=num_tasks)
+        local_count = ops.segment_sum(weights, task_ids, num_segments=num_tasks)
+        global_count = _all_reduce_sum(local_count)
+        shares = local_sum / ops.maximum(global_count, 1e-12)
+        global_losses = _all_reduce_sum(ops.stop_gradient(shares))
+        return shares, global_count > 0, global_losses
+
+    def _check_labels(self, pairs):
+        # Class labels beyond the task's class count would be silently clipped
+        # by the vectorised loss; fail loudly instead (not under XLA, which
+        # cannot run assertions).
+        if self.jit_compile:
+            return
+        table = self.table
+        is_class = table.take(np.logical_not(table.is_regression), pairs["task_ids"])
+        n = ops.cast(table.take(table.num_outputs, pairs["task_ids"]), "float32")
+        limit = ops.where(table.take(table.is_binary, pairs["task_ids"]), 2.0, n)
+        bad = ops.logical_and(is_class, pairs["labels"][:, 0] >= limit)
+        tf.debugging.assert_equal(
+            ops.any(ops.logical_and(bad, pairs["weights"] > 0)),
+            False,
+            message=(
+                "A class label is >= its task's number of classes (num_outputs); check the "
+                "label encoding or the Task's num_outputs."
+            ),
+        )
+
+    def _step(self, data, training):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        pairs = self.make_pairs(x, y, sample_weight, training=training)
+        self._check_labels(pairs)
+        task_ids, weights, labels = pairs["task_ids"], pairs["weights"], pairs["labels"]
+        logits = self._pairs_forward(pairs["images"], pairs["rows"], task_ids, training)
+        losses = pair_losses(logits, labels, task_ids, self.table)
+        shares, present, global_losses = self.task_losses(losses, task_ids, weights)
+        objective = self.weighting.combine(
+            shares, present, ops.convert_to_tensor(self.table.weights), global_losses
+        )
+        if self.losses:
+            objective = objective + ops.sum(self.losses) / _num_replicas()
+        return objective, dict(pairs=pairs, logits=logits, losses=losses)
+
+    def _update_metrics(self, objective, out):
+        pairs = out["pairs"]
+        task_ids, weights = pairs["task_ids"], pairs["weights"]
+        if self._loss_tracker is not None:
+            # The tracker averages over replicas; each replica holds a share.
+            self._loss_tracker.update_state(objective * _num_replicas())
+        self.task_loss_tracker.update_state(out["losses"], task_ids, weights)
+        values = pair_metrics(out["logits"], pairs["labels"], task_ids, self.table)
+        for tracker in self.task_metric_trackers:
+            tracker.update_state(values[tracker.metric], task_ids, weights)
+        return self.get_metrics_result()
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            objective, out = self._step(data, training=True)
+            scaled = self.optimizer.scale_loss(objective)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        for observer in self.gradient_observers:
+            observer(variables, grads, out)
+        self.optimizer.apply(grads, variables)
+        return self._update_metrics(objective, out)
+
+    def test_step(self, data):
+        objective, out = self._step(data, training=False)
+        return self._update_metrics(objective, out)
+
+    def compile(self, optimizer="adam", jit_compile=False, **kwargs):
+        """Like `keras.Model.compile`, minus `loss`/`metrics` (they come from the tasks).
+
+        `jit_compile` defaults to False: Keras' `"auto"` silently turns XLA off
+        on CPU and under `tf.distribute`; pass True to ask for XLA.
+        """
+        for key in ("loss", "metrics", "loss_weights", "weighted_metrics"):
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"MultiTaskModel.compile() takes no {key!r}: losses and metrics come from "
+                    "each Task (kind, loss, metrics, weight)."
+                )
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        # Build the optimizer now, in the strategy's scope, on every variable
+        # any later regrouping may keep.
+        with self.distribute_strategy.scope():
+            self.optimizer.build(self.trainable_variables)
+
+    def compile_from_config(self, config):
+        # Keras skips this for models that override compile(); ours takes the
+        # same arguments minus the task-derived ones, so restore it.
+        config = keras.saving.deserialize_keras_object(config)
+        for key in ("loss", "metrics", "loss_weights", "weighted_metrics"):
+            config.pop(key, None)
+        self.compile(**config)
+
+    # ------------------------------------------------------------------ config
+    def head_parameter_count(self):
+        """Parameters of the heads (estimators and output layers)."""
+        return int(sum(np.prod(v.shape) for h in self.heads for v in h.weights))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.backbone),
+            tasks=self.tasks.get_config(),
+            head_units=list(self.head_units),
+            head_activation=keras.activations.serialize(self.head_activation),
+            head_dropout=self.head_dropout,
+            head_regularizer=keras.regularizers.serialize(self.head_regularizer),
+            tasks_per_step=self.tasks_per_step,
+            task_sampling=self.task_sampling,
+            weighting=keras.saving.serialize_keras_object(self.weighting),
+            estimator_of_task=list(self.estimator_of_task),
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(
+            config["backbone"], custom_objects=custom_objects
+        )
+        config["tasks"] = TaskSet.from_config(config["tasks"])
+        config["weighting"] = keras.saving.deserialize_keras_object(
+            config["weighting"], custom_objects=custom_objects
+        )
+        return cls(**config)

@@ -1,0 +1,167 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mtl_keras.layers import TaskHead, TaskRouting, routing_masks
+
+
+# ------------------------------------------------------------------ masks
+@pytest.mark.parametrize("channels,tasks", [(64, 8), (64, 50), (16, 3)])
+def test_partition_sigma_one_shares_everything(channels, tasks):
+    m = routing_masks(channels, tasks, 1.0, seed=0)
+    assert m.shape == (tasks, channels)
+    assert np.all(m == 1.0)
+
+
+@pytest.mark.parametrize("channels,tasks", [(64, 8), (64, 50), (16, 3), (10, 10)])
+def test_partition_sigma_zero_gives_disjoint_subnetworks(channels, tasks):
+    m = routing_masks(channels, tasks, 0.0, seed=3)
+    # Every unit has exactly one owner, every task owns floor or ceil of C/T.
+    np.testing.assert_array_equal(m.sum(axis=0), np.ones(channels))
+    per_task = m.sum(axis=1)
+    assert set(per_task) <= {channels // tasks, -(-channels // tasks)}
+    assert per_task.sum() == channels
+    overlap = m @ m.T
+    np.testing.assert_array_equal(overlap - np.diag(np.diag(overlap)), 0)
+
+
+@pytest.mark.parametrize("sigma", [0.25, 0.5, 0.75])
+def test_partition_intermediate_sigma(sigma):
+    channels, tasks = 64, 8
+    m = routing_masks(channels, tasks, sigma, seed=1)
+    n_shared = round(sigma * channels)
+    owners = m.sum(axis=0)
+    assert np.sum(owners == tasks) == n_shared  # shared by all
+    assert np.sum(owners == 1) == channels - n_shared  # task-specific
+    assert set(owners) <= {1, tasks}
+    specific = (channels - n_shared) / tasks
+    kept = m.sum(axis=1)
+    assert np.all(kept >= n_shared + np.floor(specific))
+    assert np.all(kept <= n_shared + np.ceil(specific))
+    # Fraction each task keeps is sigma + (1 - sigma) / T, up to rounding.
+    np.testing.assert_allclose(kept.mean() / channels, sigma + (1 - sigma) / tasks, atol=1 / channels)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 0.9, 1.0])
+def test_independent_mode_keeps_round_sigma_c_units(sigma):
+    m = routing_masks(100, 20, sigma, seed=2, mode="independent")
+    np.testing.assert_array_equal(m.sum(axis=1), max(1, round(sigma * 100)))
+    if sigma < 1:
+        assert len({tuple(r) for r in m}) > 1  # tasks differ
+
+
+def test_same_seed_same_masks_other_seed_other_masks():
+    a = routing_masks(64, 10, 0.5, seed=7)
+    b = routing_masks(64, 10, 0.5, seed=7)
+    c = routing_masks(64, 10, 0.5, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    la, lb = TaskRouting(10, 0.5, seed=7), TaskRouting(10, 0.5, seed=7)
+    la.build((None, 64))
+    lb.build((None, 64))
+    np.testing.assert_array_equal(la.masks, lb.masks)
+
+
+def test_bad_sigma_and_too_few_units_raise_clear_errors():
+    with pytest.raises(ValueError, match="sigma"):
+        TaskRouting(3, 1.5)
+    with pytest.raises(ValueError, match="sigma"):
+        TaskRouting(3, "half")
+    with pytest.raises(ValueError, match="at least 50 units"):
+        routing_masks(16, 50, 0.0, seed=0)
+    with pytest.raises(ValueError, match="routing mode"):
+        TaskRouting(3, 0.5, mode="bogus")
+
+
+def test_seed_none_is_recorded_in_config():
+    layer = TaskRouting(4, 0.5)
+    assert isinstance(layer.get_config()["seed"], int)
+    clone = TaskRouting.from_config(layer.get_config())
+    layer.build((None, 32))
+    clone.build((None, 32))
+    np.testing.assert_array_equal(layer.masks, clone.masks)
+
+
+# ---------------------------------------------------------------- routing
+def test_routing_masks_each_example_by_its_task_conv_and_dense():
+    layer = TaskRouting(3, 0.5, seed=0)
+    x = np.random.default_rng(0).normal(size=(4, 5, 5, 8)).astype("float32")
+    ids = np.array([0, 2, 1, 2])
+    y = keras.ops.convert_to_numpy(layer(x, ids))
+    masks = layer.masks
+    np.testing.assert_allclose(y, x * masks[ids][:, None, None, :])
+    dense = TaskRouting(3, 0.0, seed=0)
+    z = np.ones((3, 6), "float32")
+    out = keras.ops.convert_to_numpy(dense(z, np.array([0, 1, 2])))
+    np.testing.assert_array_equal(out, dense.masks)
+
+
+def test_gradient_is_masked_for_units_a_task_does_not_own():
+    layer = TaskRouting(2, 0.5, seed=4)
+    x = tf.Variable(np.ones((2, 16), "float32"))
+    ids = tf.constant([0, 1])
+    with tf.GradientTape() as tape:
+        # Only example 0 (task 0) contributes to the loss.
+        loss = tf.reduce_sum(layer(x, ids)[0] ** 2)
+    g = tape.gradient(loss, x).numpy()
+    masks = layer.masks
+    np.testing.assert_array_equal(g[0] != 0, masks[0] == 1)
+    np.testing.assert_array_equal(g[1], 0)
+    assert (masks[0] == 0).any()
+
+
+def test_routing_model_keras_roundtrip(tmp_path):
+    image = keras.Input((6, 6, 2), name="image")
+    task = keras.Input((), dtype="int32", name="task")
+    h = keras.layers.Conv2D(8, 3, padding="same")(image)
+    h = TaskRouting(5, 0.3, seed=11, name="route")(h, task)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.Dense(10)(h)
+    h = TaskRouting(5, 0.0, seed=12)(h, task)
+    model = keras.Model({"image": image, "task": task}, h)
+    data = {"image": np.random.rand(6, 6, 6, 2).astype("float32"), "task": np.arange(6) % 5}
+    before = model.predict(data, verbose=0)
+    path = tmp_path / "routing.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(data, verbose=0), before, atol=1e-6)
+    np.testing.assert_array_equal(loaded.get_layer("route").masks, model.get_layer("route").masks)
+    # Masks are weights: a model built with another seed routes like the saved
+    # one once the weights are loaded (what KerasTuner's reload relies on).
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"].endswith("TaskRouting"):
+            layer["config"]["seed"] = 999
+    other = keras.Model.from_config(config)
+    assert not np.array_equal(other.get_layer("route").masks, model.get_layer("route").masks)
+    model.save_weights(tmp_path / "w.weights.h5")
+    other.load_weights(tmp_path / "w.weights.h5")
+    np.testing.assert_array_equal(other.get_layer("route").masks, model.get_layer("route").masks)
+    np.testing.assert_allclose(other.predict(data, verbose=0), before, atol=1e-6)
+
+
+# -------------------------------------------------------------------- head
+def test_task_head_shapes_roundtrip_and_drop(tmp_path):
+    head = TaskHead(7, hidden_units=(16, 8), dropout=0.1, name="h")
+    x = np.random.rand(3, 12).astype("float32")
+    assert head(x).shape == (3, 7)
+    assert len(head.trainable_variables) == 6
+    inp = keras.Input((12,))
+    model = keras.Model(inp, head(inp))
+    model.save(tmp_path / "head.keras")
+    loaded = keras.models.load_model(tmp_path / "head.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    head.drop_estimator()
+    assert not head.has_estimator
+    assert len(head.trainable_variables) == 2  # only the output layer remains
+    with pytest.raises(ValueError, match="shares another head's estimator"):
+        head(x)
+    assert TaskHead.from_config(head.get_config()).has_estimator is False
+
+
+def test_task_head_rejects_bad_settings():
+    with pytest.raises(ValueError, match="hidden_units"):
+        TaskHead(3, hidden_units=(0,))
+    with pytest.raises(ValueError, match="dropout"):
+        TaskHead(3, dropout=1.0)

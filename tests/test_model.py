@@ -1,0 +1,213 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
+
+
+def small_tasks():
+    return TaskSet(
+        [
+            Task("a", "multiclass", 3),
+            Task("b", "multiclass", 5),
+            Task("c", "binary", 1),
+            Task("d", "regression", 2, loss="huber", metrics=("mae", "mse")),
+        ]
+    )
+
+
+def small_model(tasks=None, sigma=0.5, **kwargs):
+    tasks = tasks or small_tasks()
+    backbone = conv_backbone((8, 8, 1), len(tasks), sigma=sigma, filters=(8, 8), seed=0)
+    model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    return model
+
+
+def per_example_batch(n=12, seed=0, num_tasks=4):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 8, 8, 1)).astype("float32")
+    t = (np.arange(n) % num_tasks).astype("int32")
+    y = np.zeros((n, 2), "float32")
+    y[t == 0, 0] = rng.integers(0, 3, (t == 0).sum())
+    y[t == 1, 0] = rng.integers(0, 5, (t == 1).sum())
+    y[t == 2, 0] = rng.integers(0, 2, (t == 2).sum())
+    y[t == 3] = rng.normal(size=((t == 3).sum(), 2))
+    return {"image": x, "task": t}, y
+
+
+def np_losses(logits, y, t):
+    """Reference per-example losses, one task at a time in numpy."""
+    out = []
+    for z, yy, tt in zip(logits, y, t):
+        if tt in (0, 1):
+            n = 3 if tt == 0 else 5
+            p = np.exp(z[:n] - z[:n].max())
+            p /= p.sum()
+            out.append(-np.log(p[int(yy[0])]))
+        elif tt == 2:
+            zz, lab = z[0], yy[0]
+            out.append(max(zz, 0) - zz * lab + np.log1p(np.exp(-abs(zz))))
+        else:
+            d = z[:2] - yy[:2]
+            a = np.abs(d)
+            out.append(np.mean(np.where(a <= 1, 0.5 * d**2, a - 0.5)))
+    return np.array(out)
+
+
+def test_vectorised_heads_equal_each_head_alone():
+    model = small_model()
+    x, _ = per_example_batch()
+    features = model.backbone(x)
+    logits = keras.ops.convert_to_numpy(model.heads_forward(features, x["task"]))
+    for i, t in enumerate(x["task"]):
+        alone = keras.ops.convert_to_numpy(model.heads[t](features[i : i + 1]))[0]
+        n = model.tasks[int(t)].num_outputs
+        np.testing.assert_allclose(logits[i, :n], alone, atol=1e-5)
+        if model.tasks[int(t)].kind == "multiclass":
+            assert np.all(logits[i, n:] <= -1e8)
+
+
+def test_train_step_per_task_losses_match_reference_and_ignore_missing_labels():
+    model = small_model()
+    x, y = per_example_batch()
+    logits = model.predict(x, verbose=0)
+    ref = np_losses(logits, y, x["task"])
+    # Missing labels: a NaN regression target and a -1 class are left out.
+    y_missing = y.copy()
+    y_missing[0, 0] = -1  # task a
+    y_missing[3, :] = np.nan  # task d
+    keep = np.ones(len(y), bool)
+    keep[[0, 3]] = False
+    logs = model.test_on_batch(x, y_missing, return_dict=True)
+    t = x["task"]
+    per_task = [ref[(t == k) & keep].mean() for k in range(4)]
+    for k, name in enumerate("abcd"):
+        assert logs[f"{name}/loss"] == pytest.approx(per_task[k], rel=1e-4)
+    assert logs["loss"] == pytest.approx(np.mean(per_task), rel=1e-4)
+    # Changing a missing label changes nothing.
+    y_other = y_missing.copy()
+    y_other[0, 0] = -5
+    model.reset_metrics()
+    logs2 = model.test_on_batch(x, y_other, return_dict=True)
+    assert logs2["a/loss"] == pytest.approx(logs["a/loss"], rel=1e-6)
+    assert 0.0 <= logs["mean_accuracy"] <= 1.0 and "d/mse" in logs and "d/mae" in logs
+
+
+def test_task_weight_scales_its_loss_in_the_objective():
+    tasks = TaskSet([Task("a", "multiclass", 3, weight=3.0), Task("b", "multiclass", 5, weight=0.0)])
+    model = small_model(tasks)
+    x, y = per_example_batch(num_tasks=2)
+    logs = model.test_on_batch(x, y[:, 0], return_dict=True)
+    assert logs["loss"] == pytest.approx(3.0 * logs["a/loss"] / 2, rel=1e-5)
+
+
+def test_a_task_loss_reaches_only_its_head_and_routed_units():
+    model = small_model(sigma=0.0)
+    x, y = per_example_batch()
+    only_b = x["task"] == 1
+    xb = {"image": x["image"][only_b], "task": x["task"][only_b]}
+    with tf.GradientTape() as tape:
+        objective, _ = model._step((xb, y[only_b, 0]), training=True)
+    variables = model.trainable_variables
+    grads = dict(zip([v.path for v in variables], tape.gradient(objective, variables)))
+    for i, head in enumerate(model.heads):
+        for v in head.trainable_variables:
+            g = grads[v.path]
+            assert (g is not None and np.abs(g).sum() > 0) == (i == 1), v.path
+    # With sigma = 0 the first conv's filters that task b does not own get no gradient.
+    mask = model.backbone.get_layer("routing_0").masks[1]
+    g = grads[model.backbone.get_layer("block0_conv0").kernel.path].numpy()
+    assert np.all(g[..., mask == 0] == 0) and np.abs(g[..., mask == 1]).sum() > 0
+
+
+def test_fit_learns_and_logs_per_task_names():
+    model = small_model()
+    x, y = per_example_batch(n=64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    hist = model.fit(ds, validation_data=ds, epochs=8, verbose=0)
+    h = hist.history
+    for key in ("loss", "mean_accuracy", "a/loss", "a/accuracy", "c/accuracy", "d/mae", "val_b/accuracy"):
+        assert key in h, key
+    assert h["loss"][-1] < h["loss"][0]
+
+
+def multi_label_batch(n=16, num_tasks=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 2, (n, num_tasks)).astype("float32")
+    y[rng.random((n, num_tasks)) < 0.3] = np.nan
+    return x, y
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.5])
+def test_several_tasks_per_example_eval_uses_every_labelled_task(sigma):
+    tasks = TaskSet([Task(f"attr{i}", "binary", 1) for i in range(6)])
+    model = small_model(tasks, sigma=sigma)
+    x, y = multi_label_batch()
+    logits = model.predict({"image": x}, verbose=0)
+    assert logits.shape == (16, 6, 1)
+    z = logits[..., 0]
+    bce = np.maximum(z, 0) - z * np.nan_to_num(y) + np.log1p(np.exp(-np.abs(z)))
+    logs = model.test_on_batch({"image": x}, y, return_dict=True)
+    for i in range(6):
+        labelled = ~np.isnan(y[:, i])
+        assert logs[f"attr{i}/loss"] == pytest.approx(bce[labelled, i].mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("sampling", ["per_example", "per_batch"])
+def test_tasks_per_step_sampling_picks_k_labelled_tasks(sampling):
+    tasks = TaskSet([Task(f"attr{i}", "binary", 1) for i in range(6)])
+    model = small_model(tasks, sigma=0.5, tasks_per_step=2, task_sampling=sampling)
+    x, y = multi_label_batch()
+    y[:, 5] = np.nan  # never labelled: never sampled while others are
+    pairs = model.make_pairs({"image": x}, y, training=True)
+    ids = keras.ops.convert_to_numpy(pairs["task_ids"]).reshape(16, 2)
+    assert not np.any(ids == 5)
+    assert all(len(set(r)) == 2 for r in ids)
+    if sampling == "per_batch":
+        assert all(set(r) == set(ids[0]) for r in ids)
+    w = keras.ops.convert_to_numpy(pairs["weights"]).reshape(16, 2)
+    np.testing.assert_array_equal(w > 0, ~np.isnan(np.take_along_axis(y, ids, axis=1)))
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0)
+
+
+def test_regroup_drops_estimators_and_training_continues(tmp_path):
+    model = small_model()
+    x, y = per_example_batch(n=32)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    model.fit(ds, epochs=1, verbose=0)
+    before = model.count_params()
+    dropped = model.set_estimator_of_task([0, 0, 2, 2])
+    assert dropped == [1, 3]
+    assert model.count_params() < before
+    assert model.task_groups == {0: [0, 1], 2: [2, 3]}
+    model.fit(ds, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.estimator_of_task == [0, 0, 2, 2]
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="dropped earlier"):
+        model.set_estimator_of_task([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="an owner must use its own estimator"):
+        model.set_estimator_of_task([2, 0, 2, 2])
+
+
+def test_bad_inputs_give_clear_errors():
+    model = small_model()
+    x, y = per_example_batch()
+    y_bad = y.copy()
+    y_bad[1, 0] = 7  # task b has 5 classes
+    with pytest.raises(tf.errors.InvalidArgumentError, match="number of classes"):
+        model.test_on_batch(x, y_bad)
+    with pytest.raises(ValueError, match="one column per task"):
+        model.test_on_batch({"image": x["image"]}, y)
+    with pytest.raises(ValueError, match="takes no 'loss'"):
+        model.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError, match="tasks_per_step"):
+        small_model(tasks_per_step=0)
+    with pytest.raises(ValueError, match="unique"):
+        TaskSet([Task("a"), Task("a")])
+    with pytest.raises(ValueError, match="kind='binary'"):
+        Task("x", "multiclass", 1)
