@@ -24,6 +24,8 @@ import keras  # noqa: E402
 
 from mtl_keras import MultiTaskModel, conv_backbone, vgg_filters  # noqa: E402
 from mtl_keras.data import OMNIGLOT_DIR_ENV, load_omniglot  # noqa: E402
+from mtl_keras.export import export_for_serving  # noqa: E402
+from mtl_keras.progress import CompactProgbar  # noqa: E402
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.reporting import per_task, text_table, write_json  # noqa: E402
 
@@ -88,10 +90,18 @@ def main(argv=None):
 
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=str(output / "tensorboard")),
+        CompactProgbar(),
     ]
     history = model.fit(data.train, validation_data=data.validation, epochs=args.epochs,
-                        callbacks=callbacks, verbose=args.verbose)
+                        callbacks=callbacks, verbose=args.verbose, shuffle=False)
+    train_seconds = time.time() - started
     test_logs = model.evaluate(data.test, return_dict=True, verbose=0)
+    model_path = output / "model.keras"
+    model.save(model_path)
+    export_path = None
+    if not args.no_export:
+        export_path = export_for_serving(model, args.export_dir)
+        print(f"SavedModel for TF Serving: {export_path}")
     wall = time.time() - started
 
     accuracy = per_task(test_logs, tasks, "accuracy")
@@ -116,8 +126,10 @@ def main(argv=None):
         "chance_accuracy": chance,
         "final_val_mean_accuracy": history.history.get("val_mean_accuracy", [None])[-1],
         "wall_time_seconds": round(wall, 1),
+        "train_seconds": round(train_seconds, 1),
         "num_examples": data.num_examples,
-        "export_path": None,
+        "export_path": str(export_path) if export_path else None,
+        "model_path": str(model_path),
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     plot_task_bars(accuracy, output / "accuracy.png",

@@ -16,3 +16,21 @@ try:
     )
 except RuntimeError:
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_collective_keys():
+    """Gives each test's MirroredStrategy its own collective key range.
+
+    Two MirroredStrategy objects in one process start their collective group
+    and instance keys at the same numbers, so a second strategy whose
+    all-reduces have other shapes collides with the first ("Shape mismatch in
+    the collective instance"). TensorFlow's own tests bump this base for the
+    same reason.
+    """
+    for cls in (tf.distribute.MirroredStrategy, tf.distribute.experimental.MultiWorkerMirroredStrategy):
+        cls._collective_key_base += 10_000
+    yield

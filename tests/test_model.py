@@ -211,3 +211,55 @@ def test_bad_inputs_give_clear_errors():
         TaskSet([Task("a"), Task("a")])
     with pytest.raises(ValueError, match="kind='binary'"):
         Task("x", "multiclass", 1)
+
+
+def _train_weights(strategy, data, steps=3, nan_labels=False):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        tasks = small_tasks() if not nan_labels else TaskSet(
+            [Task("a", "multiclass", 3), Task("b", "binary", 1), Task("c", "regression", 1)]
+        )
+        backbone = conv_backbone((8, 8, 1), len(tasks), sigma=0.5, filters=(8, 8), seed=0, batch_norm=False)
+        model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0, tasks_per_step=len(tasks))
+        model.compile(optimizer=keras.optimizers.SGD(0.2))
+    initial = [w.numpy() for w in model.weights]
+    history = model.fit(data, epochs=steps, verbose=0, shuffle=False)
+    return initial, [w.numpy() for w in model.weights], history.history
+
+
+@pytest.mark.parametrize("layout", ["one_task_per_example", "several_tasks_per_example"])
+def test_mirrored_two_replicas_match_one_device(layout):
+    """Under MirroredStrategy on 2 logical CPUs a step equals the single-device
+    step on the same global batch, even when tasks are spread unevenly over
+    the replicas (the per-task means use the global count)."""
+    rng = np.random.default_rng(1)
+    if layout == "one_task_per_example":
+        x, y = per_example_batch(n=16, seed=2)
+        # Replica 0 gets tasks 0,1 mostly; replica 1 tasks 2,3: uneven counts.
+        x["task"] = np.array([0, 0, 0, 1, 1, 0, 1, 2, 2, 3, 3, 3, 2, 3, 3, 3], "int32")
+        y = np.zeros((16, 2), "float32")
+        y[:, 0] = [0, 1, 2, 4, 3, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+        y[x["task"] == 3] = rng.normal(size=(6, 2))
+        y[5, 0] = np.nan  # a missing label
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        nan_labels = False
+    else:
+        x = {"image": rng.random((16, 8, 8, 1)).astype("float32")}
+        y = np.stack(
+            [rng.integers(0, 3, 16), rng.integers(0, 2, 16), rng.normal(size=16)], axis=1
+        ).astype("float32")
+        y[rng.random((16, 3)) < 0.3] = np.nan
+        y[:8, 1] = np.nan  # task b only on the second replica's half
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        nan_labels = True
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    assert len(devices) == 2, "conftest should provide two logical CPU devices"
+    init1, one, h1 = _train_weights(tf.distribute.get_strategy(), data, nan_labels=nan_labels)
+    init2, two, h2 = _train_weights(tf.distribute.MirroredStrategy(devices), data, nan_labels=nan_labels)
+    for a, b in zip(init1, init2):
+        np.testing.assert_array_equal(a, b)
+    assert max(np.abs(a - b).max() for a, b in zip(init1, one)) > 1e-3, "training did not move the weights"
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-4)
+    np.testing.assert_allclose(h1["mean_loss"], h2["mean_loss"], rtol=1e-4)

@@ -839,6 +839,9 @@ def load_omniglot(
     remap = tf.constant(remap)
     size = int(image_size)
 
+    characters = sum(ALPHABET_NUM_CHARACTERS[a] for a in alphabets)
+    num_examples = {s: characters * len(d) for s, d in SPLIT_DRAWERS.items()}
+
     def keep(example):
         return tf.gather(remap, example["alphabet"]) >= 0
 
@@ -866,16 +869,18 @@ def load_omniglot(
             ds = ds.cache()
         if split == "train" and shuffle_buffer:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        # The filter hides the size from tf.data; state it, so the progress
+        # bar has a target from the first epoch and Keras does not warn.
+        ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples[split]))
         ds = ds.batch(batch_size, drop_remainder=False)
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    characters = sum(ALPHABET_NUM_CHARACTERS[a] for a in alphabets)
     return OmniglotData(
         tasks=task_set,
         train=pipeline("train"),
         validation=pipeline("validation"),
         test=pipeline("test"),
-        num_examples={s: characters * len(d) for s, d in SPLIT_DRAWERS.items()},
+        num_examples=num_examples,
         image_size=size,
         alphabet_names=tuple(alphabets),
     )

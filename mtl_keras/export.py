@@ -1,0 +1,241 @@
+"""Export a `MultiTaskModel` as a SavedModel that TF Serving (or plain TF) serves.
+
+The export needs no mtl_keras code to load: `tf.saved_model.load(path)` or
+TF Serving's `--model_base_path` pointing at the parent of the version
+folders. Routing masks are weights of the model, so the export routes every
+task exactly as the trained model did.
+
+Signatures (all inputs and outputs named, never `args_0`):
+
+- `serving_default(image, task)`: `image` float32 `[B, *input_shape]`,
+  `task` int32 `[B]`; returns each example's own task output:
+  `probabilities` `[B, max_outputs]` (softmax over the task's classes,
+  padded with zeros to the largest task; for a binary task column 0 is
+  P(label = 1); for a regression task the predicted values), `predicted_class`
+  int32 `[B]` (argmax, or `P >= 0.5` for binary; -1 for regression) and
+  `logits` `[B, max_outputs]`.
+- `task_<name>(image)`: the same outputs for one task, sized to that task.
+
+A task id outside `[0, num_tasks)` fails the request with an
+`InvalidArgumentError` naming the valid range; a wrong image shape is
+rejected by the signature itself.
+
+The version folder also holds `assets/mtl_keras_tasks.json`: task names,
+kinds, class counts, input shape, the Selective Sharing groups and, for each
+routing layer, sigma, mode and seed.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mtl_keras.backbones import routing_layers
+
+METADATA_FILE = "mtl_keras_tasks.json"
+
+
+def next_version(base_dir):
+    """The next integer version under `base_dir` (1 when there is none)."""
+    base = Path(base_dir)
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def signature_name(task_name):
+    """`task_<name>` with characters other than [A-Za-z0-9_] replaced by `_`."""
+    return "task_" + re.sub(r"[^A-Za-z0-9_]", "_", task_name)
+
+
+def _image_spec(model):
+    images = [t for t in model.backbone.inputs if t.name == "image"] or model.backbone.inputs[:1]
+    shape = images[0].shape
+    if any(d is None for d in shape[1:]):
+        raise ValueError(
+            f"Export needs a fixed image shape; the backbone's image input is {tuple(shape)}. "
+            "Build the backbone with a fully specified input_shape."
+        )
+    return tf.TensorSpec((None, *shape[1:]), tf.float32, name="image")
+
+
+def _outputs(logits, task_ids, table):
+    """Probabilities, predicted class and logits of each example's task."""
+    is_multiclass = tf.gather(tf.constant(table.is_multiclass), task_ids)
+    is_binary = tf.gather(tf.constant(table.is_binary), task_ids)
+    valid = tf.gather(tf.constant(table.valid_outputs), task_ids)
+    softmax = tf.nn.softmax(logits, axis=-1)
+    sigmoid = tf.where(valid, tf.sigmoid(logits), 0.0)
+    probabilities = tf.where(
+        is_multiclass[:, None], softmax, tf.where(is_binary[:, None], sigmoid, logits)
+    )
+    argmax = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    binary_class = tf.cast(logits[:, 0] >= 0.0, tf.int32)
+    predicted = tf.where(is_multiclass, argmax, tf.where(is_binary, binary_class, -1))
+    return {"probabilities": probabilities, "predicted_class": predicted, "logits": logits}
+
+
+def serving_metadata(model):
+    """What the export's asset JSON says about the model's tasks and routing."""
+    image_spec = _image_spec(model)
+    routing = []
+    for layer in routing_layers(model.backbone):
+        routing.append(
+            {
+                "layer": layer.name,
+                "sigma": layer.sigma,
+                "mode": layer.mode,
+                "seed": layer.seed,
+                "units": int(layer.masks.shape[1]),
+                "units_per_task": layer.masks.sum(axis=1).astype(int).tolist(),
+            }
+        )
+    return {
+        "format": "mtl_keras.serving/1",
+        "input_shape": list(image_spec.shape[1:]),
+        "tasks": [
+            {
+                "id": i,
+                "name": t.name,
+                "kind": t.kind,
+                "num_outputs": t.num_outputs,
+                "signature": signature_name(t.name),
+            }
+            for i, t in enumerate(model.tasks)
+        ],
+        "max_outputs": int(model.table.max_outputs),
+        "estimator_of_task": list(model.estimator_of_task),
+        "routing": routing,
+        "outputs": {
+            "probabilities": "softmax over the task's classes (binary: P(1) in column 0; "
+            "regression: values), zero-padded to max_outputs",
+            "predicted_class": "argmax (binary: P >= 0.5; regression: -1)",
+            "logits": "raw outputs, padded",
+        },
+    }
+
+
+def export_for_serving(model, base_dir, version=None, task_signatures=True, overwrite=False):
+    """Writes `model` to `base_dir/<version>/` in TF Serving's layout.
+
+    Args:
+        model: a `MultiTaskModel` (one task per example inputs).
+        base_dir: the model's base path (TF Serving's `--model_base_path`).
+        version: integer version; default: one more than the largest there.
+        task_signatures: also write one `task_<name>` signature per task.
+        overwrite: replace an existing `base_dir/<version>/`; without it an
+            existing version is an error (TF Serving may be serving it).
+
+    Returns:
+        The `Path` of the version folder.
+
+    Example:
+
+    >>> path = export_for_serving(model, "saved_models/omniglot")
+    >>> served = tf.saved_model.load(str(path))
+    >>> out = served.signatures["serving_default"](image=images, task=task_ids)
+    >>> out["predicted_class"]
+    """
+    base = Path(base_dir)
+    if version is None:
+        version = next_version(base)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"version must be a non-negative int (TF Serving's layout), got {version!r}.")
+    target = base / str(version)
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{target} already exists; pick another version, leave version=None for the next one, "
+            "or pass overwrite=True."
+        )
+    table = model.table
+    num_tasks = len(model.tasks)
+    image_spec = _image_spec(model)
+    task_spec = tf.TensorSpec((None,), tf.int32, name="task")
+    expected_shape = [int(d) for d in image_spec.shape[1:]]
+
+    def predict(image, task):
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(image)[1:], tf.constant(expected_shape, tf.int32),
+                message=f"image must have shape [batch, {', '.join(map(str, expected_shape))}] "
+                "(resize the images to the input size of the model).",
+            ),
+            tf.debugging.assert_equal(
+                tf.shape(image)[0], tf.shape(task)[0],
+                message="image and task must have the same batch size.",
+            ),
+            tf.debugging.assert_greater_equal(
+                task, 0, message=f"task ids must be in [0, {num_tasks}); got a negative id."
+            ),
+            tf.debugging.assert_less(
+                task, num_tasks,
+                message=f"task ids must be in [0, {num_tasks}) (the model has {num_tasks} tasks).",
+            ),
+        ]
+        # The checks must run before any gather sees a bad id.
+        with tf.control_dependencies(checks):
+            task = tf.identity(task)
+        logits = model({"image": image, "task": task}, training=False)
+        return _outputs(tf.cast(logits, tf.float32), task, table)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", predict, input_signature=[image_spec, task_spec])
+    if task_signatures:
+        seen = set()
+        for i, t in enumerate(model.tasks):
+            name = signature_name(t.name)
+            if name in seen:
+                raise ValueError(
+                    f"Two task names map to the signature {name!r}; rename one of the tasks."
+                )
+            seen.add(name)
+            n = t.num_outputs
+
+            def one_task(image, i=i, n=n):
+                task = tf.fill(tf.shape(image)[:1], tf.constant(i, tf.int32))
+                out = predict(image, task)
+                return {
+                    "probabilities": out["probabilities"][:, :n],
+                    "predicted_class": out["predicted_class"],
+                    "logits": out["logits"][:, :n],
+                }
+
+            archive.add_endpoint(name, one_task, input_signature=[image_spec])
+
+    # Write next to the target, then rename: TF Serving polls base_dir and
+    # must never see a half-written version.
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
+    try:
+        archive.write_out(str(staging), verbose=False)
+        assets = staging / "assets"
+        assets.mkdir(exist_ok=True)
+        (assets / METADATA_FILE).write_text(json.dumps(serving_metadata(model), indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_metadata(export_dir):
+    """The asset JSON of an export (`export_dir` = a version folder)."""
+    path = Path(export_dir) / "assets" / METADATA_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {export_dir} a version folder written by export_for_serving?")
+    return json.loads(path.read_text())
+
+
+def reference_predictions(model, images, task_ids):
+    """What `serving_default` returns, computed with the Keras model (for checks)."""
+    logits = model({"image": np.asarray(images, "float32"), "task": np.asarray(task_ids, "int32")}, training=False)
+    out = _outputs(tf.cast(logits, tf.float32), tf.constant(task_ids, tf.int32), model.table)
+    return {k: v.numpy() for k, v in out.items()}
