@@ -13,6 +13,7 @@ import argparse
 import datetime
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +25,20 @@ import keras  # noqa: E402
 
 from mtl_keras import MultiTaskModel, conv_backbone, vgg_filters  # noqa: E402
 from mtl_keras.data import OMNIGLOT_DIR_ENV, load_omniglot  # noqa: E402
+from mtl_keras.distribute import (  # noqa: E402
+    STRATEGIES, backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas,
+)  # noqa: E402
 from mtl_keras.export import export_for_serving  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
+from mtl_keras.sharing import SelectiveSharing  # noqa: E402
+from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
+from mtl_keras.weighting import available_weightings  # noqa: E402
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.reporting import per_task, text_table, write_json  # noqa: E402
+
+
+# The rule that did best on validation accuracy (see README, "Selective Sharing").
+SHARING_DEFAULT = "none"
 
 
 def parse_args(argv=None):
@@ -48,6 +59,14 @@ def parse_args(argv=None):
     m.add_argument("--depth", type=int, default=4, help="number of conv blocks")
     m.add_argument("--head-units", type=int, nargs="*", default=[128], help="estimator widths of each task head")
     m.add_argument("--head-dropout", type=float, default=0.2)
+    m.add_argument("--bn-momentum", type=float, default=0.99,
+                   help="batch norm momentum (0.9 suits runs of a few hundred steps)")
+    m.add_argument("--sharing", choices=("none", "similarity", "variance"), default=SHARING_DEFAULT,
+                   help="Selective Sharing rule that merges task heads during training")
+    m.add_argument("--sharing-epoch", type=int, default=2,
+                   help="epoch at whose end Selective Sharing groups the heads")
+    m.add_argument("--weighting", choices=available_weightings(), default="equal",
+                   help="how task losses (and gradients) are combined")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=128)
@@ -55,6 +74,11 @@ def parse_args(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False,
                    help="XLA-compile the train step")
+    t.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="auto: MultiWorkerMirrored when TF_CONFIG names a cluster, Mirrored with >1 GPU, "
+                        "else one device")
+    t.add_argument("--backup-dir", default=None,
+                   help="BackupAndRestore folder: an interrupted run restarts from its last epoch")
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="run folder (default runs/omniglot/<timestamp>)")
     o.add_argument("--export-dir", default=str(ROOT / "saved_models" / "omniglot"),
@@ -66,6 +90,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+    strategy = get_strategy(args.strategy)
+    chief = is_chief(strategy)
     started = time.time()
     keras.utils.set_random_seed(args.seed)
     output = Path(args.output or ROOT / "runs" / "omniglot" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -79,27 +106,51 @@ def main(argv=None):
     print(f"Omniglot: {len(tasks)} alphabets, {data.num_examples} examples, "
           f"{args.image_size}x{args.image_size} images")
 
-    backbone = conv_backbone(
-        (args.image_size, args.image_size, 1), len(tasks), sigma=args.sigma,
-        filters=vgg_filters(args.width, args.depth), routing_mode=args.routing_mode, seed=args.seed,
-    )
-    model = MultiTaskModel(backbone, tasks, head_units=args.head_units, head_dropout=args.head_dropout,
-                           seed=args.seed, name="omniglot_mtl")
-    model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=args.jit_compile)
+    replicas = strategy.num_replicas_in_sync
+    train = prepare_for_replicas(data.train, args.batch_size, strategy, training=True)
+    validation = prepare_for_replicas(data.validation, args.batch_size, strategy)
+    test = prepare_for_replicas(data.test, args.batch_size, strategy)
+    with strategy.scope():
+        backbone = conv_backbone(
+            (args.image_size, args.image_size, 1), len(tasks), sigma=args.sigma,
+            filters=vgg_filters(args.width, args.depth), routing_mode=args.routing_mode, seed=args.seed,
+            batch_norm_momentum=args.bn_momentum,
+        )
+        model = MultiTaskModel(backbone, tasks, head_units=args.head_units, head_dropout=args.head_dropout,
+                               weighting=args.weighting, seed=args.seed, name="omniglot_mtl")
+        model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=args.jit_compile)
     params_before = model.count_params()
+    print(f"{type(strategy).__name__}: {replicas} replica(s) | {params_before:,} parameters | "
+          f"sigma {args.sigma} | weighting {args.weighting} | sharing {args.sharing}")
 
+    # Non-chief workers of a multi-worker job log aside; the chief's logs are the run's.
+    tensorboard_dir = output / "tensorboard" if chief else Path(tempfile.mkdtemp(prefix="mtl_worker_tb_"))
     callbacks = [
-        keras.callbacks.TensorBoard(log_dir=str(output / "tensorboard")),
+        keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)),
+        MultiTaskTensorBoard(str(tensorboard_dir), config=vars(args)),
         CompactProgbar(),
     ]
-    history = model.fit(data.train, validation_data=data.validation, epochs=args.epochs,
+    sharing = None
+    if args.sharing != "none":
+        sharing = SelectiveSharing(
+            args.sharing, start_epoch=min(args.sharing_epoch, args.epochs), log_dir=str(tensorboard_dir),
+            plot_dir=str(output), backup_dir=args.backup_dir, seed=args.seed, verbose=int(args.verbose > 0),
+        )
+        callbacks.insert(0, sharing)
+    if args.backup_dir:
+        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir_for_worker(args.backup_dir, strategy)))
+    history = model.fit(train, validation_data=validation, epochs=args.epochs,
                         callbacks=callbacks, verbose=args.verbose, shuffle=False)
     train_seconds = time.time() - started
-    test_logs = model.evaluate(data.test, return_dict=True, verbose=0)
+    test_logs = model.evaluate(test, return_dict=True, verbose=0)
+    if not chief:
+        # Multi-worker: every worker trained the same weights; only the chief writes.
+        output = output / f"worker_{strategy.cluster_resolver.task_id}"
+        output.mkdir(parents=True, exist_ok=True)
     model_path = output / "model.keras"
     model.save(model_path)
     export_path = None
-    if not args.no_export:
+    if not args.no_export and chief:
         export_path = export_for_serving(model, args.export_dir)
         print(f"SavedModel for TF Serving: {export_path}")
     wall = time.time() - started
@@ -110,6 +161,10 @@ def main(argv=None):
         "app": "train_omniglot",
         "tasks": len(tasks),
         "sigma": args.sigma,
+        "weighting": args.weighting,
+        "sharing": sharing.report() if sharing is not None else None,
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
         "routing_mode": args.routing_mode,
         "seed": args.seed,
         "epochs": args.epochs,

@@ -32,6 +32,7 @@ def conv_backbone(
     routing_mode="partition",
     seed=None,
     batch_norm=True,
+    batch_norm_momentum=0.99,
     name="conv_backbone",
 ):
     """A VGG-style trunk; with routing, a `TaskRouting` after every conv and dense layer.
@@ -54,6 +55,9 @@ def conv_backbone(
         seed: seed of the routing masks; layer i uses `seed + i`. None draws a
             random seed per layer (recorded in the config).
         batch_norm: whether to normalise after each conv.
+        batch_norm_momentum: momentum of the moving statistics (Keras'
+            default 0.99; use ~0.9 for runs of a few hundred steps, whose
+            evaluation would otherwise use barely updated statistics).
         name: model name.
 
     Returns:
@@ -87,7 +91,7 @@ def conv_backbone(
         for c in range(convs_per_block):
             x = keras.layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"block{b}_conv{c}")(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
+                x = keras.layers.BatchNormalization(momentum=batch_norm_momentum, name=f"block{b}_bn{c}")(x)
             x = route(x)
             x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
         if x.shape[1] is not None and x.shape[1] >= 2 and x.shape[2] >= 2:

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from keras.src.utils.tracking import DotNotTrackScope
 
 from mtl_keras.layers.task_head import TaskHead, stacked_estimator_weights
 from mtl_keras.metrics import PerTaskMean
@@ -43,6 +44,12 @@ def _num_replicas():
     return 1 if ctx is None else ctx.num_replicas_in_sync
 
 
+def _in_multi_worker_mode(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
 def _all_reduce_sum(value):
     """Sums a tensor over replicas (identity with one replica)."""
     ctx = tf.distribute.get_replica_context()
@@ -50,6 +57,47 @@ def _all_reduce_sum(value):
         return value
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
+
+def prune_optimizer(optimizer, keep_variables):
+    """Forgets the optimizer state of variables not in `keep_variables`.
+
+    Keras 3 optimizers keep one slot per variable they were built with (Adam's
+    momentum and velocity, EMA, gradient accumulators) in lists indexed by
+    the variable's position. After a merge drops estimator variables, their
+    slots would still be saved, and a `.keras` reload (whose optimizer is
+    built on the surviving variables only) could not match them. Removing
+    them keeps the surviving slots (same objects, same values) in the order a
+    fresh build on the surviving variables gives. No variable is created.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer
+    if inner is not None:
+        prune_optimizer(inner, keep_variables)
+    if not getattr(optimizer, "built", False):
+        return
+    old = list(optimizer._trainable_variables)
+    keep_keys = {optimizer._var_key(v) for v in keep_variables}
+    kept = [i for i, v in enumerate(old) if optimizer._var_key(v) in keep_keys]
+    if len(kept) == len(old):
+        return
+    removed = set()
+    originally_tracked = list(optimizer._variables)
+    with DotNotTrackScope():  # Keras' tracker must not re-collect what we set
+        for name, value in list(vars(optimizer).items()):
+            if name in ("_trainable_variables", "_variables") or not isinstance(value, list):
+                continue
+            if len(value) != len(old) or not all(x is None or isinstance(x, keras.Variable) for x in value):
+                continue
+            removed.update(id(x) for i, x in enumerate(value) if i not in set(kept) and x is not None)
+            setattr(optimizer, name, [value[i] for i in kept])
+        survivors = [old[i] for i in kept]
+        optimizer._trainable_variables = survivors
+        # A new list rather than deleting from the old one: TensorFlow refuses
+        # to save (SavedModel export) a tracked list that had items deleted.
+        optimizer._variables = [v for v in originally_tracked if id(v) not in removed]
+    optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(survivors)}
+    store = optimizer._variables
+    optimizer._tracker.config["variables"] = (optimizer._tracker.config["variables"][0], store)
+    optimizer._tracker.stored_ids["variables"] = {id(v) for v in store}
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class MultiTaskModel(keras.Model):
@@ -213,6 +261,8 @@ class MultiTaskModel(keras.Model):
         for i in dropped:
             self.heads[i].drop_estimator()
         self.estimator_of_task = owners
+        if dropped and self.optimizer is not None:
+            prune_optimizer(self.optimizer, self.trainable_variables)
         if self.train_function is not None:
             # fit() fetches `self.train_function` before every step, so a
             # retrace here takes effect at the next step of the same fit().
@@ -235,7 +285,8 @@ class MultiTaskModel(keras.Model):
         inputs = dict(images)
         if self.routed:
             inputs["task"] = task_ids
-        if len(inputs) == 1:
+        if len(inputs) == 1 and not isinstance(getattr(self.backbone, "_inputs_struct", None), dict):
+            # A backbone built on a bare Input (not a dict) takes the tensor.
             inputs = next(iter(inputs.values()))
         return self.backbone(inputs, training=training)
 
@@ -412,15 +463,38 @@ class MultiTaskModel(keras.Model):
         pairs = self.make_pairs(x, y, sample_weight, training=training)
         self._check_labels(pairs)
         task_ids, weights, labels = pairs["task_ids"], pairs["weights"], pairs["labels"]
-        logits = self._pairs_forward(pairs["images"], pairs["rows"], task_ids, training)
+        # `_pairs_forward`, keeping each pair's trunk features: gradient
+        # methods take per-task gradients there (see mtl_keras.weighting).
+        images, rows = pairs["images"], pairs["rows"]
+        if rows is None:
+            features = self._features(images, task_ids, training)
+        elif self.routed:
+            repeated = {k: ops.take(v, rows, axis=0) for k, v in images.items()}
+            features = self._features(repeated, task_ids, training)
+        else:
+            features = ops.take(self._features(images, None, training), rows, axis=0)
+        logits = self.heads_forward(features, task_ids, training)
         losses = pair_losses(logits, labels, task_ids, self.table)
         shares, present, global_losses = self.task_losses(losses, task_ids, weights)
-        objective = self.weighting.combine(
-            shares, present, ops.convert_to_tensor(self.table.weights), global_losses
-        )
+        task_weights = ops.convert_to_tensor(self.table.weights)
+        objective = self.weighting.combine(shares, present, task_weights, global_losses)
+        regularization = None
         if self.losses:
-            objective = objective + ops.sum(self.losses) / _num_replicas()
-        return objective, dict(pairs=pairs, logits=logits, losses=losses)
+            regularization = ops.sum(self.losses) / _num_replicas()
+            objective = objective + regularization
+        out = dict(
+            pairs=pairs,
+            logits=logits,
+            losses=losses,
+            features=features,
+            task_ids=task_ids,
+            task_losses=shares,
+            present=present,
+            task_weights=task_weights,
+            global_task_losses=global_losses,
+            regularization=regularization,
+        )
+        return objective, out
 
     def _update_metrics(self, objective, out):
         pairs = out["pairs"]
@@ -432,22 +506,57 @@ class MultiTaskModel(keras.Model):
         values = pair_metrics(out["logits"], pairs["labels"], task_ids, self.table)
         for tracker in self.task_metric_trackers:
             tracker.update_state(values[tracker.metric], task_ids, weights)
-        return self.get_metrics_result()
+        logs = self.get_metrics_result()
+        if _in_multi_worker_mode(self.distribute_strategy):
+            # Keras' TF trainer reduces each log with `strategy.reduce("MEAN",
+            # v, axis=0)` across workers, which rejects scalars
+            # (keras-team/keras#20585); rank-1 logs come back as scalars.
+            logs = {k: ops.reshape(v, (1,)) for k, v in logs.items()}
+        return logs
 
     def train_step(self, data):
-        with tf.GradientTape() as tape:
+        weighting = self.weighting
+        # Gradient methods use the tape more than once (heads, then per-task trunk gradients).
+        with tf.GradientTape(persistent=weighting.needs_task_gradients) as tape:
             objective, out = self._step(data, training=True)
             scaled = self.optimizer.scale_loss(objective)
+            loss_scale = self.optimizer.scale_loss(ops.ones((), dtype=objective.dtype))
+            if out["regularization"] is not None:
+                out["regularization"] = out["regularization"] * loss_scale
         variables = self.trainable_variables
-        grads = tape.gradient(scaled, variables)
+        step = dict(
+            out,
+            backbone=self.backbone,
+            shared_variables=self.backbone.trainable_variables,
+            features_fn=lambda images, task_ids: self._features(
+                images, task_ids if self.routed else None, True
+            ),
+            loss_scale=ops.stop_gradient(loss_scale),
+            iteration=self.optimizer.iterations,
+            num_replicas=_num_replicas(),
+        )
+        grads = weighting.compute_gradients(tape, scaled, variables, step)
+        del tape
         for observer in self.gradient_observers:
             observer(variables, grads, out)
         self.optimizer.apply(grads, variables)
+        weighting.end_train_step(step)
         return self._update_metrics(objective, out)
 
     def test_step(self, data):
         objective, out = self._step(data, training=False)
         return self._update_metrics(objective, out)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Every variable exists after __init__ and compile(), so there is
+        # nothing to build from data; Keras would still fetch a batch and
+        # `strategy.reduce` it, which fails on dict inputs under
+        # MultiWorkerMirroredStrategy (keras-team/keras#20329).
+        if all(layer.built for layer in self._flatten_layers()) and (
+            self.optimizer is None or self.optimizer.built
+        ):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def compile(self, optimizer="adam", jit_compile=False, **kwargs):
         """Like `keras.Model.compile`, minus `loss`/`metrics` (they come from the tasks).

@@ -263,3 +263,34 @@ def test_mirrored_two_replicas_match_one_device(layout):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-4)
     np.testing.assert_allclose(h1["mean_loss"], h2["mean_loss"], rtol=1e-4)
+
+
+def test_merge_prunes_dropped_optimizer_state_and_reload_restores_the_rest(tmp_path):
+    import warnings
+
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    x, y = per_example_batch()
+    model.fit(x, y, batch_size=12, epochs=2, verbose=0)
+    before = {id(v) for v in model.optimizer.variables}
+    n_before = len(model.optimizer.variables)
+    model.set_estimator_of_task([0, 0, 2, 2])
+    after = model.optimizer.variables
+    # Two estimators (kernel + bias) dropped: their momentum and velocity go.
+    assert len(after) == n_before - 2 * 2 * 2
+    assert {id(v) for v in after} <= before  # survivors are the same objects
+    model.fit(x, y, batch_size=12, epochs=1, verbose=0)
+    assert len(model.optimizer.variables) == len(after)
+    model.save(tmp_path / "m.keras")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*Skipping variable loading for optimizer.*")
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.estimator_of_task == [0, 0, 2, 2]
+    assert len(loaded.optimizer.variables) == len(after)
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Training resumes from the restored state identically.
+    model.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)

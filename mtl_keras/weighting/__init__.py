@@ -1,4 +1,25 @@
-"""Loss weighting and gradient combination methods, selectable by name."""
+"""Loss weighting and gradient combination methods, selectable by name.
+
+| name          | method                           | extra cost per step                                |
+| ------------- | -------------------------------- | -------------------------------------------------- |
+| `equal`       | mean of the weighted task losses | none                                               |
+| `uncertainty` | Kendall et al., CVPR 2018        | none (T learned log-variances)                     |
+| `dwa`         | Liu et al., CVPR 2019            | none (per-epoch loss averages)                     |
+| `gradnorm`    | Chen et al., ICML 2018           | none (norms w.r.t. the shared features)            |
+| `pcgrad`      | Yu et al., NeurIPS 2020          | per-task trunk gradients: ~1 extra forward+backward |
+|               |                                  | ("grouped", trunks without batch norm/dropout) or  |
+|               |                                  | ~T backward passes ("jacobian", any trunk)         |
+| `cagrad`      | Liu et al., NeurIPS 2021         | as `pcgrad`, plus a T x T solve                    |
+
+Gradient methods take `every_n_steps=k` to pay for per-task gradients on
+every k-th step only, see `mtl_keras.weighting.task_gradients`.
+
+Example:
+
+>>> MultiTaskModel(backbone, tasks, weighting="pcgrad")
+>>> available_weightings()
+['cagrad', 'dwa', 'equal', 'gradnorm', 'pcgrad', 'uncertainty']
+"""
 
 from mtl_keras.weighting.base import (
     EqualWeighting,
@@ -7,3 +28,8 @@ from mtl_keras.weighting.base import (
     get_weighting,
     register_weighting,
 )
+from mtl_keras.weighting.cagrad import CAGrad, cagrad_combine
+from mtl_keras.weighting.dwa import DynamicWeightAverage, dwa_weights
+from mtl_keras.weighting.gradnorm import GradNorm, gradnorm_weight_gradient
+from mtl_keras.weighting.pcgrad import PCGrad, pcgrad_combine
+from mtl_keras.weighting.uncertainty import UncertaintyWeighting

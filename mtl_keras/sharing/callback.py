@@ -1,0 +1,456 @@
+"""SelectiveSharing: learn which tasks share an estimator from their gradients, during fit().
+
+The callback implements Selective Sharing (Strezoski, van Noord and Worring,
+ICMR 2019) on a `MultiTaskModel`:
+
+1. **Collect.** From the start of each evidence window it accumulates, in the
+   train step itself, the gradient that reaches every live estimator
+   (`gradients.GradientCollector`: one pass, no extra tapes, summed over
+   replicas under a distribution strategy).
+2. **Group.** At each scheduled epoch end it turns the accumulated gradients
+   into groups of estimators (`grouping.group_units`: features, factorization,
+   clustering and a rule, see that module for each step's exact definition).
+3. **Merge.** Tasks of a group then share one estimator: the one whose tasks
+   have the lowest validation loss (`keep="loss"`, see below); the other
+   estimators are dropped from the model (`model.set_estimator_of_task`),
+   each task keeps its own output layer, and training goes on in the same
+   `fit()` call with the optimizer state of every surviving weight.
+4. **Record.** Each check is written to `history` (for a report), to the
+   epoch logs, to TensorBoard (an affinity heatmap image and the groups as
+   text) and, with `plot_dir`, to a PNG heatmap with a dendrogram.
+
+**Schedule.** Epochs are counted from 1. A check happens at the end of epoch
+`n` when `n >= start_epoch`, `(n - start_epoch) % every == 0`, `n <=
+stop_epoch` (if set) and fewer than `max_merges` merges happened. Its
+evidence is the gradients of the `window` epochs up to and including `n`
+(the accumulators restart at the beginning of epoch `n - window + 1`), so
+`window <= every`. After the last possible check the collector is detached
+and the train step runs at full speed again.
+
+**Units and finality.** Grouping works on the *estimators alive* (units): a
+group formed by an earlier merge is one unit from then on, with one summed
+gradient; it can join other units later but never splits. Merges are final:
+a dropped estimator cannot come back, so a task never leaves its group.
+
+**Minimum evidence.** A unit whose tasks contributed fewer than
+`min_evidence` (weighted) training examples in the window, or got no
+gradient at all, is left out of the grouping and stays as it is.
+
+**Which estimator survives** (`keep`): `"loss"` keeps the estimator whose
+tasks have the lowest mean `val_<task>/loss` at that epoch end (the training
+`<task>/loss` if there is no validation data): the estimator that serves its
+own tasks best is the best placed to serve the group. Losses of tasks of
+different kinds or class counts are on different scales; `"central"` keeps
+instead the unit closest to its cluster's centre in factor space, and
+`"first"` the lowest head index.
+
+**Persistence.** The grouping is the model's `estimator_of_task`, part of its
+config, so `.keras` files and SavedModel exports hold the merged model. To
+resume with `keras.callbacks.BackupAndRestore(backup_dir)`, give this
+callback the same `backup_dir` and put it *before* `BackupAndRestore` in the
+callbacks list: it records every merge in `backup_dir/selective_sharing.json`
+and, at `on_train_begin`, re-applies the merges of the epochs the backup
+covers before the backup's weights are loaded into the (re-merged) model.
+The accumulated gradients are not saved: a resumed run restarts its window.
+
+Put this callback before `TensorBoard`/`CSVLogger` in the list so that they
+see the `sharing/...` entries it adds to the epoch logs.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from mtl_keras.sharing.gradients import GradientCollector
+from mtl_keras.sharing.grouping import CLUSTERERS, FACTORIZERS, SIGNALS, get_rule, group_units
+
+KEEP = ("loss", "central", "first")
+STATE_FILE = "selective_sharing.json"
+
+
+class SelectiveSharing(keras.callbacks.Callback):
+    """Merges task estimators whose accumulated gradients group together, during `fit()`.
+
+    Args:
+        rule: `"similarity"` (default), `"variance"`, or a callable
+            `(factors, clusters) -> groups` (see `grouping`).
+        start_epoch: first epoch (counting from 1) at whose end a check may
+            happen.
+        every: epochs between checks.
+        window: epochs of gradients each check looks at (`1 <= window <=
+            every`).
+        max_merges: most checks that change the grouping (None: no limit).
+        stop_epoch: last epoch at whose end a check may happen (None: none).
+        min_evidence: weighted training examples a unit needs in the window
+            to take part.
+        threshold: the rule's distance threshold (see `grouping`).
+        max_group_size: most tasks sharing one estimator (None: no limit).
+        signal: `"gram"` or `"flat"` gradient features.
+        factorizer: `"pca"`, `"svd"` or `"nmf"`.
+        n_components: factors kept (int, or a fraction of variance).
+        clusterer: `"kmeans"` or `"agglomerative"`.
+        n_clusters: number of clusters (None: best silhouette).
+        keep: which estimator of a group survives: `"loss"`, `"central"` or
+            `"first"`.
+        max_dim: trunk directions kept by the `"gram"` features.
+        log_dir: TensorBoard folder; summaries go to `log_dir/sharing`.
+        plot_dir: folder for a heatmap PNG per check.
+        backup_dir: folder shared with `BackupAndRestore` (see above).
+        seed: random state of factorization and clustering.
+        verbose: 1 prints each merge.
+
+    Attributes:
+        history: one dict per check (epoch, groups, rule, distances,
+            parameters before/after, ...), JSON-serialisable.
+
+    Example:
+
+    >>> sharing = SelectiveSharing("similarity", start_epoch=1, log_dir="logs")
+    >>> model.fit(train, validation_data=val, epochs=10,
+    ...           callbacks=[sharing, keras.callbacks.TensorBoard("logs")])
+    >>> sharing.report()["merges"][0]["groups"]
+    [['Latin', 'Greek'], ['Korean'], ...]
+    """
+
+    def __init__(
+        self,
+        rule="similarity",
+        start_epoch=1,
+        every=1,
+        window=1,
+        max_merges=1,
+        stop_epoch=None,
+        min_evidence=1.0,
+        threshold=0.7,
+        max_group_size=None,
+        signal="gram",
+        factorizer="pca",
+        n_components=0.9,
+        clusterer="kmeans",
+        n_clusters=None,
+        keep="loss",
+        max_dim=64,
+        log_dir=None,
+        plot_dir=None,
+        backup_dir=None,
+        seed=0,
+        verbose=1,
+    ):
+        super().__init__()
+        get_rule(rule)  # fails early on an unknown name
+        for name, value in (("start_epoch", start_epoch), ("every", every), ("window", window)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int (epochs, counted from 1); got {value!r}.")
+        if window > every:
+            raise ValueError(
+                f"window ({window}) must be <= every ({every}): the gradient accumulators restart "
+                "after each check, so a check can only look at the epochs since the previous one."
+            )
+        if max_merges is not None and (not isinstance(max_merges, (int, np.integer)) or max_merges < 1):
+            raise ValueError(f"max_merges must be None or a positive int; got {max_merges!r}.")
+        if stop_epoch is not None and stop_epoch < start_epoch:
+            raise ValueError(f"stop_epoch ({stop_epoch}) is before start_epoch ({start_epoch}): no check would run.")
+        if min_evidence < 0:
+            raise ValueError(f"min_evidence must be >= 0; got {min_evidence!r}.")
+        if max_group_size is not None and (not isinstance(max_group_size, (int, np.integer)) or max_group_size < 2):
+            raise ValueError(f"max_group_size must be None or an int >= 2; got {max_group_size!r}.")
+        for name, value, options in (("signal", signal, SIGNALS), ("factorizer", factorizer, FACTORIZERS),
+                                     ("clusterer", clusterer, CLUSTERERS), ("keep", keep, KEEP)):
+            if value not in options:
+                raise ValueError(f"Unknown {name} {value!r}; use one of {options}.")
+        self.rule = rule
+        self.start_epoch = int(start_epoch)
+        self.every = int(every)
+        self.window = int(window)
+        self.max_merges = max_merges
+        self.stop_epoch = stop_epoch
+        self.min_evidence = float(min_evidence)
+        self.threshold = float(threshold)
+        self.max_group_size = max_group_size
+        self.signal = signal
+        self.factorizer = factorizer
+        self.n_components = n_components
+        self.clusterer = clusterer
+        self.n_clusters = n_clusters
+        self.keep = keep
+        self.max_dim = int(max_dim)
+        self.log_dir = log_dir
+        self.plot_dir = plot_dir
+        self.backup_dir = backup_dir
+        self.seed = seed
+        self.verbose = verbose
+        self.history = []
+        self.collector = None
+        self._writer = None
+        self._window_open = False
+
+    # ------------------------------------------------------------- schedule
+    @property
+    def rule_name(self):
+        return self.rule if isinstance(self.rule, str) else getattr(self.rule, "__name__", "custom")
+
+    @property
+    def merges(self):
+        return sum(1 for h in self.history if h["merged"])
+
+    def is_check_epoch(self, n):
+        """Whether a check happens at the end of epoch `n` (counted from 1)."""
+        if n < self.start_epoch or (n - self.start_epoch) % self.every:
+            return False
+        if self.stop_epoch is not None and n > self.stop_epoch:
+            return False
+        return self.max_merges is None or self.merges < self.max_merges
+
+    def _next_check(self, n):
+        """The first check epoch >= n, or None."""
+        if self.max_merges is not None and self.merges >= self.max_merges:
+            return None
+        first = max(n, self.start_epoch)
+        first += (-(first - self.start_epoch)) % self.every
+        if self.stop_epoch is not None and first > self.stop_epoch:
+            return None
+        return first
+
+    # ------------------------------------------------------------ callbacks
+    def set_model(self, model):
+        if not hasattr(model, "set_estimator_of_task") or not hasattr(model, "heads"):
+            raise ValueError(
+                f"SelectiveSharing works on a mtl_keras MultiTaskModel; got {type(model).__name__}."
+            )
+        if self.collector is not None and self.collector.model is not model:
+            self.collector.detach()
+            self.collector = None
+        super().set_model(model)
+
+    def on_train_begin(self, logs=None):
+        self._restore_state()
+        self._window_open = False
+        if self._next_check(1) is not None and self.collector is None:
+            # The accumulators are created here, before the train step is
+            # traced, never inside it.
+            self.collector = GradientCollector(self.model)
+        if self.log_dir and self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "sharing"))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        n = epoch + 1
+        check = self._next_check(n)
+        if self.collector is None:
+            return
+        if check is None or n < check - self.window + 1:
+            # Outside every window: the train step runs without collecting.
+            self.collector.detach()
+            self._window_open = False
+            return
+        self.collector.attach()
+        if not self._window_open:
+            self.collector.reset()
+            self._window_open = True
+
+    def on_train_end(self, logs=None):
+        if self.collector is not None:
+            self.collector.detach()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        n = epoch + 1
+        logs = logs if logs is not None else {}
+        if self.is_check_epoch(n) and self.collector is not None and self._window_open:
+            self._check(n, logs)
+            self._window_open = False
+        model = self.model
+        logs["sharing/estimators"] = float(len(model.estimator_owners))
+        logs["sharing/head_parameters"] = float(model.head_parameter_count())
+
+    # ---------------------------------------------------------------- check
+    def _keeper(self, units, owners, unit_tasks, logs, grouping, rows):
+        if self.keep == "first":
+            return min(owners[u] for u in units)
+        if self.keep == "loss":
+            names = self.model.tasks.names
+            for prefix in ("val_", ""):
+                keys = [[f"{prefix}{names[t]}/loss" for t in unit_tasks[u]] for u in units]
+                if all(k in logs for ks in keys for k in ks):
+                    losses = [float(np.mean([logs[k] for k in ks])) for ks in keys]
+                    return owners[units[int(np.argmin(losses))]]
+        # "central", and "loss" without per-task losses in the logs.
+        distances = grouping.clusters.distances
+        return owners[units[int(np.argmin([distances[rows.index(u)] for u in units]))]]
+
+    def _check(self, n, logs):
+        model = self.model
+        names = list(model.tasks.names)
+        sums, counts, steps = self.collector.read()
+        owners = model.estimator_owners
+        unit_tasks = [[t for t, o in enumerate(model.estimator_of_task) if o == owner] for owner in owners]
+        evidence = [float(sum(counts[t] for t in ts)) for ts in unit_tasks]
+        rows = [
+            u for u, o in enumerate(owners)
+            if evidence[u] >= self.min_evidence and np.any(sums[o] != 0)
+        ]
+        record = {
+            "epoch": n,
+            "rule": self.rule_name,
+            "steps": steps,
+            "units": [[names[t] for t in ts] for ts in unit_tasks],
+            "evidence": {names[owners[u]]: evidence[u] for u in range(len(owners))},
+            "merged": False,
+        }
+        if len(rows) < 2:
+            record["skipped"] = f"{len(rows)} unit(s) with enough evidence (min_evidence={self.min_evidence})"
+            self.history.append(record)
+            return
+        grouping = group_units(
+            sums[[owners[u] for u in rows]],
+            self.collector.layout,
+            rule=self.rule,
+            signal=self.signal,
+            factorizer=self.factorizer,
+            n_components=self.n_components,
+            clusterer=self.clusterer,
+            n_clusters=self.n_clusters,
+            threshold=self.threshold,
+            max_group_size=self.max_group_size,
+            sizes=[len(unit_tasks[u]) for u in rows],
+            units=[unit_tasks[u] for u in rows],
+            max_dim=self.max_dim,
+            seed=self.seed,
+        )
+        new_owner = {o: o for o in owners}
+        kept = {}
+        for group in grouping.groups:
+            units = [rows[i] for i in group]
+            if len(units) < 2:
+                continue
+            keeper = self._keeper(units, owners, unit_tasks, logs, grouping, rows)
+            for u in units:
+                new_owner[owners[u]] = keeper
+            kept[names[keeper]] = [names[t] for u in units for t in unit_tasks[u]]
+        estimator_of_task = [new_owner[o] for o in model.estimator_of_task]
+        params_before, heads_before = model.count_params(), model.head_parameter_count()
+        dropped = []
+        if estimator_of_task != list(model.estimator_of_task):
+            dropped = model.set_estimator_of_task(estimator_of_task)
+        unit_names = [names[owners[u]] for u in rows]
+        record.update(
+            merged=bool(dropped),
+            groups=[[names[t] for t in ts] for ts in _groups_of(model.estimator_of_task)],
+            kept=kept,
+            dropped_estimators=[names[i] for i in dropped],
+            estimator_of_task=list(model.estimator_of_task),
+            clustered_units=unit_names,
+            cluster_of_unit=dict(zip(unit_names, grouping.clusters.labels.tolist())),
+            distance_to_centre=dict(zip(unit_names, np.round(grouping.clusters.distances, 4).tolist())),
+            n_clusters=int(grouping.clusters.n_clusters),
+            silhouette=None if np.isnan(grouping.clusters.silhouette) else round(float(grouping.clusters.silhouette), 4),
+            n_factors=int(grouping.factors.shape[1]),
+            affinity=np.round(grouping.affinity, 4).tolist(),
+            parameters_before=int(params_before),
+            parameters_after=int(model.count_params()),
+            head_parameters_before=int(heads_before),
+            head_parameters_after=int(model.head_parameter_count()),
+        )
+        self.history.append(record)
+        if self.verbose and dropped:
+            merged = "; ".join(f"{', '.join(ts)} -> {k}" for k, ts in kept.items())
+            print(
+                f"\nSelectiveSharing ({self.rule_name}) epoch {n}: {merged}. Estimators "
+                f"{len(owners)} -> {len(model.estimator_owners)}, parameters {params_before:,} -> "
+                f"{record['parameters_after']:,}."
+            )
+        self._write_summaries(n, record, grouping, unit_names, steps)
+        self._save_state()
+
+    # ------------------------------------------------------------ recording
+    def _write_summaries(self, n, record, grouping, unit_names, steps):
+        if self._writer is None and not self.plot_dir:
+            return
+        from mtl_keras.sharing.plots import plot_affinity
+
+        title = f"Selective Sharing ({self.rule_name}), epoch {n}: gradient affinity of {len(unit_names)} estimators"
+        png = plot_affinity(grouping.affinity, unit_names, title=title, groups=grouping.groups)
+        if self.plot_dir:
+            os.makedirs(self.plot_dir, exist_ok=True)
+            with open(os.path.join(self.plot_dir, f"sharing_epoch{n:03d}.png"), "wb") as f:
+                f.write(png)
+        if self._writer is not None:
+            import tensorflow as tf
+
+            lines = [f"**epoch {n}**, rule `{self.rule_name}`, {steps} steps of evidence, "
+                     f"{record['n_clusters']} clusters, parameters {record['parameters_before']} -> "
+                     f"{record['parameters_after']}", "", "| estimator | tasks |", "|---|---|"]
+            lines += [f"| {ts[0] if len(ts) == 1 else k} | {', '.join(ts)} |"
+                      for k, ts in _named_groups(self.model).items()]
+            with self._writer.as_default(step=n):
+                tf.summary.image("sharing/affinity", tf.image.decode_png(png, channels=4)[None], step=n)
+                tf.summary.text("sharing/groups", "\n".join(lines), step=n)
+            self._writer.flush()
+
+    def report(self):
+        """A JSON-serialisable summary for a report file: settings, checks, final groups."""
+        model = self.model
+        return {
+            "rule": self.rule_name,
+            "settings": {
+                "start_epoch": self.start_epoch, "every": self.every, "window": self.window,
+                "max_merges": self.max_merges, "stop_epoch": self.stop_epoch,
+                "min_evidence": self.min_evidence, "threshold": self.threshold,
+                "max_group_size": self.max_group_size, "signal": self.signal,
+                "factorizer": self.factorizer, "n_components": self.n_components,
+                "clusterer": self.clusterer, "n_clusters": self.n_clusters, "keep": self.keep,
+            },
+            "checks": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history],
+            "merges": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history if h["merged"]],
+            "final_groups": _named_groups(model) if model is not None else None,
+            "estimators": len(model.estimator_owners) if model is not None else None,
+        }
+
+    # ---------------------------------------------------------- persistence
+    def _state_path(self):
+        return os.path.join(self.backup_dir, STATE_FILE) if self.backup_dir else None
+
+    def _save_state(self):
+        path = self._state_path()
+        if not path:
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        state = {"history": self.history}
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        os.replace(path + ".tmp", path)
+
+    def _restore_state(self):
+        """Re-applies the merges of the epochs a `BackupAndRestore` backup covers."""
+        path = self._state_path()
+        if not path or not os.path.exists(path):
+            return
+        metadata = os.path.join(self.backup_dir, "training_metadata.json")
+        if not os.path.exists(metadata):
+            return  # no backup to resume from: a fresh run
+        with open(metadata, encoding="utf-8") as f:
+            done = int(json.load(f).get("epoch", 0))
+        with open(path, encoding="utf-8") as f:
+            history = [h for h in json.load(f)["history"] if h["epoch"] <= done]
+        self.history = history
+        merges = [h for h in history if h["merged"]]
+        if merges and list(self.model.estimator_of_task) != merges[-1]["estimator_of_task"]:
+            self.model.set_estimator_of_task(merges[-1]["estimator_of_task"])
+            if self.verbose:
+                print(f"SelectiveSharing: resumed with the groups of epoch {merges[-1]['epoch']}.")
+
+
+def _groups_of(estimator_of_task):
+    groups = {}
+    for t, o in enumerate(estimator_of_task):
+        groups.setdefault(o, []).append(t)
+    return [groups[o] for o in sorted(groups)]
+
+
+def _named_groups(model):
+    names = model.tasks.names
+    return {names[o]: [names[t] for t in ts] for o, ts in model.task_groups.items()}

@@ -1,0 +1,314 @@
+"""Per-task gradients of the shared trunk, the input of gradient methods (PCGrad, CAGrad).
+
+A pair's loss depends on the trunk only through that pair's features `z_p`,
+and only its own task's loss depends on `z_p`. So one ordinary backward pass
+through the heads gives every task's gradient with respect to the features
+at once: task t's is the rows of its pairs, the others zeroed. Two exact
+ways pull those T cotangents back to the trunk's weights:
+
+- `"grouped"` (`grouped_trunk_task_gradients`): each task's pairs are
+  gathered into their own sub-batch (padded to the largest task's count)
+  and the trunk runs forward and backward on the T sub-batches in one
+  `tf.vectorized_map`. Every pair is processed about once, so this costs
+  about one extra forward + backward pass of the batch, whatever T. Exact
+  when the trunk treats examples independently in training: no batch
+  normalisation (whose batch statistics couple the examples) and no dropout
+  (which would draw new masks).
+- `"jacobian"` (`trunk_task_gradients`): T backward passes of the whole
+  batch, batched into one `tape.jacobian(..., experimental_use_pfor=True)`
+  of the recorded forward pass: exact for any trunk (batch norm included),
+  but about T times a backward pass.
+
+`"auto"` picks `"grouped"` when the trunk has no batch normalisation or
+dropout layer, else `"jacobian"`; asking for `"grouped"` on such a trunk is
+an error (its per-task gradients would be wrong, and batch norm's moving
+statistics would be updated by the sub-batches).
+
+Why not per-task gradients of the features themselves (LibMTL's
+`rep_grad`)? With one task per example, the tasks' feature gradients live on
+disjoint rows, hence are orthogonal: they never conflict, and PCGrad or
+CAGrad would reduce to equal weighting. The trunk *weights* are where tasks
+meet, so that is where these methods work.
+
+Under a distribution strategy each replica holds a share of every task's
+gradient; `all_reduce_sum` adds them before any nonlinear combination, and
+each replica hands the optimizer `1 / replicas` of the combined gradient
+(the optimizer sums over replicas), so R replicas take the same step as one.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+PER_TASK_GRADIENTS = ("auto", "grouped", "jacobian")
+
+
+def num_replicas():
+    """Replicas in sync (1 outside a distribution strategy)."""
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def all_reduce_sum(value):
+    """Sums a tensor over replicas (identity with one replica)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def check_every_n_steps(every_n_steps):
+    """Validates a gradient method's `every_n_steps` (a positive int)."""
+    if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+        raise ValueError(
+            f"every_n_steps must be a positive int (1 = combine per-task gradients at every "
+            f"step), got {every_n_steps!r}."
+        )
+    return every_n_steps
+
+
+def split_shared(variables, shared_variables):
+    """Indices in `variables` of the shared (trunk) variables and of the others."""
+    shared_ids = {id(v) for v in shared_variables}
+    shared = [i for i, v in enumerate(variables) if id(v) in shared_ids]
+    others = [i for i, v in enumerate(variables) if id(v) not in shared_ids]
+    return shared, others
+
+
+def task_feature_gradients(feature_grads, task_ids, num_tasks):
+    """Each task's gradient w.r.t. the pairs' features, `[T, P, D]`.
+
+    Args:
+        feature_grads: `[P, D]` gradient of a sum of task losses w.r.t. the
+            features (row p belongs to the loss of pair p's task only).
+        task_ids: `[P]` int32.
+        num_tasks: T.
+    """
+    onehot = ops.transpose(ops.one_hot(task_ids, num_tasks, dtype=feature_grads.dtype))
+    return onehot[:, :, None] * feature_grads[None]
+
+
+def trunk_task_gradients(tape, features, feature_grads, task_ids, num_tasks, shared_variables):
+    """Per-task gradients of the trunk variables, flattened: `[T, N]` (this replica's share).
+
+    Cost: T backward passes through the trunk, run as one vectorised
+    Jacobian; memory `T x N` floats (N = trunk parameters) plus the batched
+    backward's activations, `T x` those of one backward pass.
+
+    Args:
+        tape: a persistent tape that recorded `features` from the variables.
+        features: `[P, D]` trunk output of each pair.
+        feature_grads: `[P, D]` gradient of the (weighted) task losses w.r.t.
+            `features`; task t's gradient is its rows (see module docstring).
+        task_ids: `[P]` int32.
+        num_tasks: T.
+        shared_variables: the trunk's trainable variables.
+    """
+    cotangents = ops.stop_gradient(task_feature_gradients(feature_grads, task_ids, num_tasks))
+    with tape:
+        # Row t of this vector has gradient J^T cotangent_t w.r.t. the trunk.
+        probes = ops.einsum("pd,tpd->t", ops.cast(features, cotangents.dtype), cotangents)
+    jac = tape.jacobian(
+        probes,
+        list(shared_variables),
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        experimental_use_pfor=True,
+    )
+    return ops.concatenate([ops.reshape(j, (num_tasks, -1)) for j in jac], axis=1)
+
+
+def example_coupling_layers(backbone):
+    """Layers of `backbone` that make an example's training-mode output depend
+    on other examples (batch normalisation) or on fresh randomness (dropout,
+    noise): with them, only the `"jacobian"` route is exact."""
+    kinds = (
+        keras.layers.BatchNormalization,
+        keras.layers.Dropout,
+        keras.layers.GaussianNoise,
+        keras.layers.GaussianDropout,
+        keras.layers.AlphaDropout,
+    )
+    return [l for l in backbone._flatten_layers(include_self=False) if isinstance(l, kinds)]
+
+
+def check_per_task_gradients(route):
+    """Validates a gradient method's `per_task_gradients` option."""
+    if route not in PER_TASK_GRADIENTS:
+        raise ValueError(f"per_task_gradients must be one of {PER_TASK_GRADIENTS}, got {route!r}.")
+    return route
+
+
+def resolve_per_task_gradients(route, backbone):
+    """`"grouped"` or `"jacobian"` for this backbone (see the module docstring)."""
+    coupling = example_coupling_layers(backbone)
+    if route == "auto":
+        return "jacobian" if coupling else "grouped"
+    if route == "grouped" and coupling:
+        names = ", ".join(f"{l.name} ({type(l).__name__})" for l in coupling[:4])
+        raise ValueError(
+            "per_task_gradients='grouped' re-runs the trunk on each task's examples alone, "
+            "which is exact only when training-mode outputs do not depend on the other "
+            f"examples or on fresh randomness; this trunk has {names}"
+            f"{' and more' if len(coupling) > 4 else ''}. Use per_task_gradients='jacobian' "
+            "(exact, about T backward passes) or a trunk without them, e.g. "
+            "conv_backbone(..., batch_norm=False)."
+        )
+    return route
+
+
+def grouped_trunk_task_gradients(
+    features_fn, images, rows, task_ids, cotangents, num_tasks, shared_variables
+):
+    """Per-task trunk gradients from one sub-batch per task: `[T, N]` (this replica's share).
+
+    Cost: one forward and one backward pass of the trunk over T sub-batches
+    of `max_t count_t` pairs each (the batch, padded), vectorised over tasks;
+    memory `T x N` floats plus the padded batch's activations.
+
+    Args:
+        features_fn: `(images dict, task_ids) -> features`, the trunk in
+            training mode.
+        images: the batch's image inputs (dict of `[B, ...]`).
+        rows: `[P]` example of each pair, or None when pairs are examples.
+        task_ids: `[P]` int32.
+        cotangents: `[P, D]`, row p the gradient of pair p's task's
+            (weighted) loss w.r.t. its features.
+        num_tasks: T.
+        shared_variables: the trunk's trainable variables.
+    """
+    num_pairs = ops.shape(task_ids)[0]
+    counts = tf.math.bincount(task_ids, minlength=num_tasks, maxlength=num_tasks)
+    width = tf.reduce_max(counts)
+    # Pair indices of each task's sub-batch, [T, width], padded with pair 0.
+    order = tf.argsort(task_ids, stable=True)
+    starts = tf.cumsum(counts, exclusive=True)
+    slots = tf.range(width)[None, :]
+    valid = slots < counts[:, None]
+    index = tf.where(valid, tf.gather(order, tf.minimum(starts[:, None] + slots, num_pairs - 1)), 0)
+    example = index if rows is None else tf.gather(rows, index)
+    group_images = {k: tf.gather(v, example) for k, v in images.items()}
+    group_cotangents = tf.gather(cotangents, index) * tf.cast(valid, cotangents.dtype)[..., None]
+    group_tasks = tf.broadcast_to(tf.range(num_tasks, dtype=task_ids.dtype)[:, None], tf.shape(index))
+
+    def one_task(args):
+        imgs, cot, tids = args
+        with tf.GradientTape() as tape:
+            z = features_fn(imgs, tids)
+        grads = tape.gradient(
+            z,
+            list(shared_variables),
+            output_gradients=tf.cast(cot, z.dtype),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return tf.concat([tf.reshape(tf.cast(g, cotangents.dtype), [-1]) for g in grads], axis=0)
+
+    # pfor has no vectorised rule for a filter gradient whose input varies
+    # per task and falls back to a loop over tasks, with a warning per layer
+    # at every trace; each iteration is one task's share of the batch, so
+    # the loop costs about one filter gradient of the batch: keep it quiet.
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        per_task = tf.vectorized_map(one_task, (group_images, group_cotangents, group_tasks))
+    finally:
+        logger.setLevel(level)
+    return tf.reshape(per_task, (num_tasks, -1))  # restores the static task count
+
+
+def unflatten(flat, variables):
+    """Splits a flat `[N]` vector into tensors shaped like `variables`."""
+    out, start = [], 0
+    for v in variables:
+        size = 1
+        for d in v.shape:
+            size *= int(d)
+        out.append(ops.reshape(flat[start : start + size], v.shape))
+        start += size
+    return out
+
+
+def combined_trunk_gradients(
+    tape, objective, variables, step, combine_fn, every_n_steps=1, per_task_gradients="auto"
+):
+    """Gradients where the trunk's come from `combine_fn` of the per-task ones.
+
+    The heads (task-specific) get the gradient of `objective`; the trunk gets
+    `combine_fn(G, present)`, with `G` `[T, N]` the global per-task
+    gradients of `weight_t * loss_t` (summed over replicas), plus the
+    gradient of any regularisation loss. With `every_n_steps > 1`, only
+    steps whose optimizer iteration is a multiple of it pay for the per-task
+    gradients; the others take the ordinary (equal weighting) gradient.
+
+    Args:
+        tape: persistent tape of the step.
+        objective: the loss-scaled, equally weighted objective.
+        variables: trainable variables.
+        step: the step dict (see `Weighting.compute_gradients`).
+        combine_fn: `(G [T, N], present [T] bool) -> [N]` global gradient.
+        every_n_steps: how often to combine per-task gradients.
+        per_task_gradients: `"auto"`, `"grouped"` or `"jacobian"` (see the
+            module docstring).
+
+    Returns:
+        A list of gradients aligned with `variables`.
+    """
+    features = step["features"]
+    shared_vars = step["shared_variables"]
+    shared_idx, other_idx = split_shared(variables, shared_vars)
+    shared_list = [variables[i] for i in shared_idx]
+    others = [variables[i] for i in other_idx]
+    num_tasks = int(step["task_losses"].shape[0])
+    # One backward through the heads: their gradients and d objective / d features.
+    grads = tape.gradient(objective, others + [features])
+    head_grads, feature_grads = grads[:-1], grads[-1]
+    present = step["present"]
+
+    n_shared = sum(int(np.prod(v.shape)) for v in shared_list)
+
+    route = resolve_per_task_gradients(per_task_gradients, step["backbone"])
+
+    def per_task_gradients_fn():
+        n_present = ops.maximum(ops.sum(ops.cast(present, "float32")), 1.0)
+        # The objective is the mean over present tasks; rows of G are the
+        # per-task gradients of weight_t * loss_t (loss-scaled).
+        cotangents = ops.stop_gradient(feature_grads * n_present)
+        if route == "grouped":
+            return grouped_trunk_task_gradients(
+                step["features_fn"], step["pairs"]["images"], step["pairs"]["rows"],
+                step["task_ids"], cotangents, num_tasks, shared_list,
+            )
+        return trunk_task_gradients(tape, features, cotangents, step["task_ids"], num_tasks, shared_list)
+
+    def combined(per_task):
+        return unflatten(combine_fn(per_task, present) / step["num_replicas"], shared_list)
+
+    def plain():
+        out = tape.gradient(
+            features,
+            shared_list,
+            output_gradients=feature_grads,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return [ops.convert_to_tensor(g) for g in out]
+
+    if every_n_steps == 1:
+        trunk_grads = combined(all_reduce_sum(per_task_gradients_fn()))
+    else:
+        due = ops.equal(ops.mod(step["iteration"], every_n_steps), 0)
+        per_task = tf.cond(
+            due, per_task_gradients_fn, lambda: tf.zeros((num_tasks, n_shared), feature_grads.dtype)
+        )
+        # The all-reduce is a synchronisation point: it must stay out of tf.cond.
+        per_task = all_reduce_sum(per_task)
+        trunk_grads = tf.cond(due, lambda: combined(per_task), plain)
+    if step.get("regularization") is not None:
+        reg = tape.gradient(step["regularization"], shared_list)
+        trunk_grads = [g if r is None else g + r for g, r in zip(trunk_grads, reg)]
+    out = [None] * len(variables)
+    for i, g in zip(shared_idx, trunk_grads):
+        out[i] = g
+    for i, g in zip(other_idx, head_grads):
+        out[i] = g
+    return out

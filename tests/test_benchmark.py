@@ -1,0 +1,154 @@
+"""apps/benchmark.py: ratios, targets and tables; a tiny smoke run in subprocesses."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _app():
+    spec = importlib.util.spec_from_file_location("benchmark_app", ROOT / "apps" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+app = _app()
+
+TINY = ["--batch-size", "8", "--image-size", "8", "--width", "4", "--depth", "1", "--head-units", "4",
+        "--classes", "3", "--steps", "2", "--warmup", "1"]
+
+
+def _fake(case, t, step, precision="float32", jit=False, ok=True):
+    r = {"case": case, "num_tasks": t, "precision": precision, "jit_compile": jit, "ok": ok,
+         "tasks_per_step": 4 if case.endswith("_k") else 1}
+    if ok:
+        r.update(step_seconds=step, examples_per_second=128 / step, peak_rss_mib=900.0, train_rss_mib=100.0,
+                 parameters=1000)
+    else:
+        r["error"] = "killed: timeout after 5 s"
+    return r
+
+
+def test_ratios_targets_and_fastest_variant():
+    results = [
+        _fake("plain", 10, 0.100), _fake("routing", 10, 0.104), _fake("plain_k", 10, 0.200),
+        _fake("routing_k", 10, 0.500), _fake("plain", 50, 0.110), _fake("routing", 50, 0.132),
+        _fake("routing", 312, 0.220), _fake("w:pcgrad", 50, 0.440), _fake("w:gradnorm", 312, 0, ok=False),
+        _fake("plain", 50, 0.055, "float32", True), _fake("routing", 50, 0.264, "mixed_float16"),
+    ]
+    app.add_ratios(results)
+    by = {(r["case"], r["num_tasks"], r["precision"], r["jit_compile"]): r for r in results}
+    assert by[("plain", 10, "float32", False)]["ratio_vs_reference"] == 1.0
+    assert by[("routing", 50, "float32", False)]["ratio_vs_plain"] == pytest.approx(1.2)
+    assert by[("routing_k", 10, "float32", False)]["ratio_vs_reference"] == pytest.approx(2.5)  # vs plain_k
+    assert by[("routing_k", 10, "float32", False)]["ratio_vs_plain"] == pytest.approx(5.0)
+    assert by[("w:pcgrad", 50, "float32", False)]["ratio_vs_reference"] == pytest.approx(4.0)
+    assert by[("plain", 50, "float32", True)]["ratio_vs_float32"] == pytest.approx(0.5)
+    assert "ratio_vs_plain" not in by[("w:gradnorm", 312, "float32", False)]
+
+    targets = app.targets(results)
+    assert targets["routing_overhead_T50"]["value"] == pytest.approx(0.2)
+    assert targets["routing_overhead_T50"]["met"] is False
+    assert targets["routing_step_T312_over_T10"]["value"] == pytest.approx(0.220 / 0.104)
+    assert targets["routing_step_T312_over_T10"]["met"] is False
+
+    fastest = app.fastest_variant(results)
+    assert fastest["plain"]["fastest"] == "float32 +XLA" and fastest["plain"]["speedup_vs_float32"] == pytest.approx(2.0)
+    assert fastest["routing"]["fastest"] == "float32"
+
+    sharing = {"ok": True, "overhead": {"num_tasks": 50, "slowdown": 0.03, "steps_per_second_on": 9.0,
+                                        "rounds_on": [9.0, 9.1]},
+               "collection_vs_naive_T10": {"num_tasks": 10, "naive_over_one_pass": 4.0},
+               "collection_vs_naive_T50": {"num_tasks": 50, "naive_over_one_pass": 8.0}}
+    shared = app.sharing_targets(sharing)
+    assert shared["sharing_slowdown_T50"]["met"] is True
+    assert shared["collection_naive_over_one_pass_T50"]["met"] is False
+    assert shared["collection_naive_over_one_pass_T10"]["met"] is None
+    targets.update(shared)
+    report = {"command": "python apps/benchmark.py", "machine": "test box", "load_at_start": [0.1],
+              "load_at_end": [0.2], "setup": "tiny", "results": results, "targets": targets,
+              "fastest": fastest, "sharing": sharing}
+    md = app.markdown(report)
+    assert "| routing_overhead_T50 | +20.0% | <= 10% | NO |" in md
+    assert "| routing_k (k=4) | 10 | float32 | 500 | 256 | 2.500 | 5.000 | 900 | 100 | 1,000 |" in md
+    assert "| w:gradnorm | 312 | float32 | failed | killed: timeout after 5 s |" in md
+    assert "plain at T=50: fastest is **float32 +XLA**" in md
+    assert "- overhead: num_tasks = 50, slowdown = 0.03, steps_per_second_on = 9" in md
+    assert "| sharing_slowdown_T50 | +3.0% | <= 5% | yes |" in md
+    assert "| collection_naive_over_one_pass_T50 | 8.00x | >= 10x | NO |" in md
+    text = app.text_report(report)
+    assert "target routing_overhead_T50: +20.0% (target <= 10%): NOT met" in text
+
+
+def test_plan_covers_every_registered_weighting_and_the_variants():
+    from mtl_keras.weighting import available_weightings
+
+    args = app.parse_args(["--num-tasks", "10", "50"])
+    specs = app.plan(args)
+    grid = {(s["case"], s["num_tasks"]) for s in specs if s["precision"] == "float32" and not s["jit_compile"]}
+    for t in (10, 50):
+        for case in ["plain", "routing", "plain_k", "routing_k"] + [
+            f"w:{w}" for w in available_weightings() if w != "equal"
+        ]:
+            assert (case, t) in grid
+    variants = [(s["case"], s["precision"], s["jit_compile"]) for s in specs if (s["case"], s["num_tasks"]) in grid
+                and (s["precision"] != "float32" or s["jit_compile"])]
+    assert len(variants) == 2 * (len(app.PRECISIONS) * 2 - 1)
+    routing_k = next(s for s in specs if s["case"] == "routing_k")
+    assert routing_k["data"] == "multi" and routing_k["tasks_per_step"] == 4 and routing_k["sigma"] == 0.5
+    assert next(s for s in specs if s["case"] == "plain")["sigma"] == 1.0
+    quick = app.parse_args(["--quick"])
+    assert quick.num_tasks == [10, 50] and quick.steps == 3 and quick.variants is False
+    with pytest.raises(SystemExit, match="Unknown case"):
+        app.plan(app.parse_args(["--cases", "plain,fast"]))
+
+
+def test_worker_reports_errors_instead_of_crashing(capsys):
+    args = app.parse_args(TINY + ["--num-tasks", "2"])
+    spec = app.case_spec(args, "w:no_such_weighting", 2)
+    app.worker_main(json.dumps(spec))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line[len("BENCHMARK_RESULT "):])
+    assert result["ok"] is False and "Unknown weighting 'no_such_weighting'" in result["error"]
+
+
+def test_smoke_run_in_subprocesses_writes_json_and_markdown(tmp_path):
+    report = app.main(TINY + ["--num-tasks", "3", "--cases", "plain,routing,plain_k,routing_k", "-k", "2",
+                              "--no-variants", "--no-sharing", "--output", str(tmp_path)])
+    assert [r["case"] for r in report["results"]] == ["plain", "routing", "plain_k", "routing_k"]
+    for r in report["results"]:
+        assert r["ok"], r.get("error")
+        assert r["step_seconds"] > 0 and r["examples_per_second"] > 0
+        assert r["peak_rss_mib"] > 100 and r["train_rss_mib"] >= 0  # TensorFlow alone is > 100 MiB
+    by = {r["case"]: r for r in report["results"]}
+    assert by["plain"]["ratio_vs_reference"] == 1.0
+    assert by["routing_k"]["pairs_per_second"] == pytest.approx(2 * by["routing_k"]["examples_per_second"])
+    assert by["routing"]["parameters"] > by["plain"]["parameters"]  # + the routing masks
+
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(saved["results"]) == 4 and saved["machine"].endswith(f"Keras {__import__('keras').__version__}")
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| case | T | precision | step (ms) | examples/s | × reference | × plain |" in md
+    assert "| routing_k (k=2) | 3 | float32 |" in md
+    assert "--cases plain,routing,plain_k,routing_k" in md
+
+
+def test_a_case_that_fails_is_not_retried_at_larger_task_counts(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(spec, timeout, memory_limit_mib):
+        calls.append((spec["case"], spec["num_tasks"]))
+        if spec["case"] == "routing":
+            return {"ok": False, "error": "killed: timeout after 1 s"}
+        return {"ok": True, "step_seconds": 0.1 * spec["num_tasks"], "examples_per_second": 1.0,
+                "pairs_per_second": 1.0, "peak_rss_mib": 1.0, "train_rss_mib": 0.0, "parameters": 1}
+
+    monkeypatch.setattr(app, "run_in_subprocess", fake_run)
+    report = app.main(TINY + ["--num-tasks", "10", "50", "--cases", "plain,routing", "--no-variants", "--no-sharing"])
+    assert calls == [("plain", 10), ("routing", 10), ("plain", 50)]
+    skipped = report["results"][-1]
+    assert skipped["case"] == "routing" and skipped["error"] == "skipped: failed at T=10"

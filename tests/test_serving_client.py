@@ -1,0 +1,199 @@
+"""apps/serving_client.py against a stand-in TF Serving REST server (test-only).
+
+The stand-in implements TF Serving's two REST endpoints the client uses,
+`GET /v1/models/<name>/metadata` and `POST /v1/models/<name>:predict`
+(row and columnar formats, `{"error": ...}` replies with HTTP 400), by
+calling the SavedModel written by `export_for_serving`, loaded with plain
+`tf.saved_model.load`.
+"""
+
+import importlib.util
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
+from mtl_keras.export import export_for_serving, reference_predictions
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("serving_client", ROOT / "apps" / "serving_client.py")
+client = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(client)
+
+MODEL = "omniglot"
+_DTYPES = {tf.float32: "DT_FLOAT", tf.int32: "DT_INT32", tf.int64: "DT_INT64"}
+
+
+def _tensor_info(spec, name):
+    dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape]
+    return {"dtype": _DTYPES[spec.dtype], "tensor_shape": {"dim": dims, "unknown_rank": False}, "name": name}
+
+
+def _metadata(loaded):
+    defs = {}
+    for name, fn in loaded.signatures.items():
+        inputs = fn.structured_input_signature[1]
+        outputs = fn.structured_outputs
+        defs[name] = {
+            "inputs": {k: _tensor_info(s, f"{name}_{k}:0") for k, s in inputs.items()},
+            "outputs": {k: _tensor_info(tf.TensorSpec(v.shape, v.dtype), f"out_{k}") for k, v in outputs.items()},
+            "method_name": "tensorflow/serving/predict",
+        }
+    return {"model_spec": {"name": MODEL, "signature_name": "", "version": "1"},
+            "metadata": {"signature_def": {"signature_def": defs}}}
+
+
+def make_server(export_dir):
+    loaded = tf.saved_model.load(str(export_dir))
+    metadata = _metadata(loaded)
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == f"/v1/models/{MODEL}/metadata":
+                return self._reply(200, metadata)
+            self._reply(404, {"error": f"Servable not found for request: Latest({self.path.split('/')[3]})"})
+
+        def do_POST(self):
+            m = re.fullmatch(r"/v1/models/([^/:]+):predict", self.path)
+            if not m or m.group(1) != MODEL:
+                return self._reply(404, {"error": "Servable not found"})
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            name = body.get("signature_name", "serving_default")
+            if name not in loaded.signatures:
+                return self._reply(400, {"error": f"Serving signature name: \"{name}\" not found in signature def"})
+            fn = loaded.signatures[name]
+            specs = fn.structured_input_signature[1]
+            if "instances" in body:
+                columns = {k: [row[k] for row in body["instances"]] for k in specs}
+            else:
+                columns = body["inputs"]
+            try:
+                tensors = {k: tf.constant(np.asarray(columns[k]), dtype=specs[k].dtype) for k in specs}
+                out = {k: v.numpy() for k, v in fn(**tensors).items()}
+            except Exception as e:  # what TF Serving does: the op's message, HTTP 400
+                return self._reply(400, {"error": getattr(e, "message", None) or str(e)})
+            if "instances" in body:
+                n = len(next(iter(out.values())))
+                return self._reply(200, {"predictions": [{k: v[i].tolist() for k, v in out.items()} for i in range(n)]})
+            self._reply(200, {"outputs": {k: v.tolist() for k, v in out.items()}})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requests
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    tasks = TaskSet([Task("Latin", "multiclass", 3), Task("Greek.v2", "multiclass", 5), Task("yes-no", "binary", 1)])
+    backbone = conv_backbone((8, 8, 1), len(tasks), sigma=0.5, filters=(4, 8), seed=0)
+    model = MultiTaskModel(backbone, tasks, head_units=(4,), seed=0)
+    model.compile()
+    export_dir = export_for_serving(model, tmp / "saved_models" / MODEL)
+    server, requests = make_server(export_dir)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        # Dark strokes on light paper, larger than the model's input.
+        pixels = np.where(rng.random((20, 20)) < 0.2, 0, 255).astype("uint8")
+        path = tmp / f"img{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    try:
+        yield dict(model=model, url=f"http://127.0.0.1:{server.server_address[1]}", paths=paths,
+                   requests=requests, images=client.load_images(paths, (8, 8, 1)))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run(served, *flags):
+    return client.run(client.parse_args(["--url", served["url"], "--model", MODEL, *flags, *served["paths"]]))
+
+
+def test_load_images_resizes_and_inverts(tmp_path):
+    path = tmp_path / "x.png"
+    pixels = np.full((10, 12), 255, "uint8")
+    pixels[:, :4] = 0  # ink on the left third, paper elsewhere
+    Image.fromarray(pixels).save(path)
+    img = client.load_images([str(path)], (5, 6, 1))
+    assert img.shape == (1, 5, 6, 1) and img.dtype == np.float32
+    assert img[0, :, 0].min() > 0.9 and img[0, :, 3:].max() < 0.1  # inverted: ink is bright
+    np.testing.assert_allclose(client.load_images([str(path)], (5, 6, 1), invert="no"), 1 - img, atol=1e-6)
+    assert client.load_images([str(path)], (4, 4, 3)).shape == (1, 4, 4, 3)
+    with pytest.raises(client.ServingError, match="Cannot read image"):
+        client.load_images([str(tmp_path / "missing.png")], (4, 4, 1))
+
+
+@pytest.mark.parametrize("fmt", ["instances", "inputs"])
+def test_every_task_signature_matches_the_model(served, fmt):
+    results = run(served, "--format", fmt)
+    model, images = served["model"], served["images"]
+    assert list(results) == served["paths"]
+    for task_id, task in enumerate(model.tasks):
+        label = client.signature_name(task.name)[len("task_"):]
+        ref = reference_predictions(model, images, np.full(len(images), task_id))
+        for i, path in enumerate(served["paths"]):
+            answer = results[path][label]
+            assert answer["predicted_class"] == ref["predicted_class"][i]
+            np.testing.assert_allclose(answer["probabilities"], ref["probabilities"][i, : task.num_outputs], atol=1e-5)
+    body = served["requests"][-1]
+    assert ("instances" in body) == (fmt == "instances") and ("inputs" in body) == (fmt == "inputs")
+
+
+def test_task_by_id_and_by_name(served, capsys):
+    model, images = served["model"], served["images"]
+    by_id = run(served, "--task", "1", "--format", "inputs")
+    assert served["requests"][-1]["signature_name"] == "serving_default"
+    assert served["requests"][-1]["inputs"]["task"] == [1, 1, 1]
+    ref = reference_predictions(model, images, np.ones(len(images), "int32"))
+    for i, path in enumerate(served["paths"]):
+        assert by_id[path]["task id 1"]["predicted_class"] == ref["predicted_class"][i]
+        np.testing.assert_allclose(by_id[path]["task id 1"]["probabilities"], ref["probabilities"][i], atol=1e-5)
+    by_name = run(served, "--task", "Greek.v2")
+    assert served["requests"][-1]["signature_name"] == "task_Greek_v2"
+    for path in served["paths"]:
+        assert by_name[path]["Greek.v2"]["predicted_class"] == by_id[path]["task id 1"]["predicted_class"]
+    code = client.main(["--url", served["url"], "--model", MODEL, "--task", "Latin", "--top-k", "2", served["paths"][0]])
+    out = capsys.readouterr().out
+    assert code == 0 and served["paths"][0] in out and "Latin  class" in out and "top-2:" in out
+
+
+def test_requests_the_model_cannot_answer_are_clear_errors(served, capsys):
+    base = ["--url", served["url"], "--model", MODEL]
+    # An unknown task id: the signature's own check, passed through by the server.
+    assert client.main(base + ["--task", "7", served["paths"][0]]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "task ids must be in [0, 3)" in err
+    assert client.main(base + ["--task", "-1", "--format", "inputs", served["paths"][0]]) == 2
+    assert "task ids must be in [0, 3)" in capsys.readouterr().err
+    # Images of the wrong size: rejected by the signature, not silently padded.
+    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400.*image must have shape \[batch, 8, 8, 1\]"):
+        run(served, "--image-size", "6")
+    # Unknown task name, unknown model, no server.
+    with pytest.raises(client.ServingError, match="has no task 'Klingon'; its tasks are: Greek_v2, Latin, yes_no"):
+        run(served, "--task", "Klingon")
+    with pytest.raises(client.ServingError, match="HTTP 404.*model name"):
+        client.run(client.parse_args(["--url", served["url"], "--model", "nope", served["paths"][0]]))
+    with pytest.raises(client.ServingError, match="Cannot reach"):
+        client.run(client.parse_args(["--url", "http://127.0.0.1:9", "--timeout", "5", served["paths"][0]]))
