@@ -6,7 +6,7 @@ output layer) is already among the gradients the training step computes for
 the optimizer. `GradientCollector` is a `MultiTaskModel.gradient_observers`
 entry: inside the traced step it flattens the gradients of each live
 estimator into one row and adds the rows to an accumulator, so collecting the
-signal of T tasks costs one add of a `[T, P]` tensor per step, with no extra
+signal of T tasks costs one stack and one add of `[T, P]` values per step, with no extra
 backward pass and no per-task `GradientTape`.
 
 Accumulators are `tf.Variable`s created once, up front (creating variables in
@@ -70,10 +70,16 @@ class GradientCollector:
         # Created in the model's strategy scope so that each replica owns a
         # copy; never inside a tf.function.
         with model.distribute_strategy.scope():
-            self._sums = tf.Variable(
-                tf.zeros((self.num_tasks, self.size)), trainable=False, name="sharing_gradient_sums",
-                synchronization=on_read, aggregation=tf.VariableAggregation.SUM,
-            )
+            # One accumulator per estimator variable ([T, *shape]) rather than
+            # one flat [T, P] row: the step then stacks each variable's
+            # gradients once and adds them, without concatenating first.
+            self._sums = [
+                tf.Variable(
+                    tf.zeros((self.num_tasks,) + shape), trainable=False, name=f"sharing_gradient_sums_{i}",
+                    synchronization=on_read, aggregation=tf.VariableAggregation.SUM,
+                )
+                for i, shape in enumerate(self.layout)
+            ]
             self._counts = tf.Variable(
                 tf.zeros((self.num_tasks,)), trainable=False, name="sharing_example_counts",
                 synchronization=on_read, aggregation=tf.VariableAggregation.SUM,
@@ -117,21 +123,18 @@ class GradientCollector:
         model = self.model
         position = {id(v): i for i, v in enumerate(variables)}
         owners = model.estimator_owners
-        rows = []
-        for o in owners:
-            flat = []
-            for v in model.heads[o].estimator_variables():
-                g = grads[position[id(v)]]
-                g = tf.zeros(v.shape, "float32") if g is None else tf.cast(tf.convert_to_tensor(g), "float32")
-                flat.append(tf.reshape(g, (-1,)))
-            rows.append(tf.concat(flat, axis=0))
-        rows = tf.stack(rows)
-        if len(owners) == self.num_tasks:
-            update = rows  # no merge yet: rows are already in task order
-        else:
-            indices = tf.constant([[o] for o in owners], dtype=tf.int32)
-            update = tf.scatter_nd(indices, rows, (self.num_tasks, self.size))
-        self._sums.assign_add(update)
+        per_owner = [model.heads[o].estimator_variables() for o in owners]
+        indices = None if len(owners) == self.num_tasks else tf.constant([[o] for o in owners], dtype=tf.int32)
+        for j, (shape, accumulator) in enumerate(zip(self.layout, self._sums)):
+            rows = []
+            for variables_of_owner in per_owner:
+                g = grads[position[id(variables_of_owner[j])]]
+                rows.append(tf.zeros(shape, "float32") if g is None else tf.cast(tf.convert_to_tensor(g), "float32"))
+            update = tf.stack(rows)  # [owners, *shape]
+            if indices is not None:
+                # After a merge: rows go to their owners' slots, others get 0.
+                update = tf.scatter_nd(indices, update, (self.num_tasks,) + shape)
+            accumulator.assign_add(update)
         pairs = out["pairs"]
         self._counts.assign_add(
             tf.math.unsorted_segment_sum(
@@ -143,7 +146,8 @@ class GradientCollector:
     # ------------------------------------------------------------ outside it
     def reset(self):
         """Zeroes the accumulators (call outside the train step, e.g. at an epoch start)."""
-        self._sums.assign(tf.zeros_like(self._sums))
+        for accumulator in self._sums:
+            accumulator.assign(tf.zeros_like(accumulator))
         self._counts.assign(tf.zeros_like(self._counts))
         self._steps.assign(0.0)
 
@@ -156,7 +160,9 @@ class GradientCollector:
             was dropped); `counts [T]` the weighted number of training
             examples each *task* contributed; `steps` the steps accumulated.
         """
-        sums = np.asarray(self._sums.read_value(), dtype=np.float64)
+        sums = np.concatenate(
+            [np.asarray(a.read_value(), dtype=np.float64).reshape(self.num_tasks, -1) for a in self._sums], axis=1
+        )
         counts = np.asarray(self._counts.read_value(), dtype=np.float64)
         steps = int(round(float(self._steps.read_value())))
         return sums, counts, steps
