@@ -342,16 +342,18 @@ class MultiTaskModel(keras.Model):
         task_ids = ops.tile(ops.arange(num_tasks, dtype="int32"), [batch])
         return rows, task_ids
 
-    def _pairs_forward(self, images, rows, task_ids, training):
+    def _pairs_features(self, images, rows, task_ids, training):
+        """Trunk features of each (example, task) pair."""
         if rows is None:
-            features = self._features(images, task_ids, training)
-        elif self.routed:
+            return self._features(images, task_ids, training)
+        if self.routed:
             repeated = {k: ops.take(v, rows, axis=0) for k, v in images.items()}
-            features = self._features(repeated, task_ids, training)
-        else:
-            # The trunk does not depend on the task: run it once per example.
-            features = ops.take(self._features(images, None, training), rows, axis=0)
-        return self.heads_forward(features, task_ids, training)
+            return self._features(repeated, task_ids, training)
+        # The trunk does not depend on the task: run it once per example.
+        return ops.take(self._features(images, None, training), rows, axis=0)
+
+    def _pairs_forward(self, images, rows, task_ids, training):
+        return self.heads_forward(self._pairs_features(images, rows, task_ids, training), task_ids, training)
 
     # ------------------------------------------------------------------- pairs
     def make_pairs(self, x, y, sample_weight=None, training=False):
@@ -463,16 +465,9 @@ class MultiTaskModel(keras.Model):
         pairs = self.make_pairs(x, y, sample_weight, training=training)
         self._check_labels(pairs)
         task_ids, weights, labels = pairs["task_ids"], pairs["weights"], pairs["labels"]
-        # `_pairs_forward`, keeping each pair's trunk features: gradient
-        # methods take per-task gradients there (see mtl_keras.weighting).
-        images, rows = pairs["images"], pairs["rows"]
-        if rows is None:
-            features = self._features(images, task_ids, training)
-        elif self.routed:
-            repeated = {k: ops.take(v, rows, axis=0) for k, v in images.items()}
-            features = self._features(repeated, task_ids, training)
-        else:
-            features = ops.take(self._features(images, None, training), rows, axis=0)
+        # Features kept apart from the heads: gradient methods take
+        # per-task gradients there (see mtl_keras.weighting).
+        features = self._pairs_features(pairs["images"], pairs["rows"], task_ids, training)
         logits = self.heads_forward(features, task_ids, training)
         losses = pair_losses(logits, labels, task_ids, self.table)
         shares, present, global_losses = self.task_losses(losses, task_ids, weights)

@@ -96,7 +96,8 @@ def runs(tmp_path_factory):
     common = [
         "--data-dir", str(data_dir), "--archives", "small", "--tfds-dir", str(tmp / "tfds"),
         "--tasks", "3", "--epochs", "1", "--image-size", "12", "--width", "4", "--depth", "2",
-        "--head-units", "8", "--batch-size", "64", "--cache-dir", str(tmp / "cache"), "--verbose", "0",
+        "--head-units", "8", "--batch-size", "64", "--stl-epochs", "2", "--stl-batch-size", "64",
+        "--cache-dir", str(tmp / "cache"), "--verbose", "0",
     ]
     first = app.main(common + ["--configs", "stl,hard,tr0.5,tr0.5+similarity", "--output", str(tmp / "one")])
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp / "cache").glob("stl-*.json")}

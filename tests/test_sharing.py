@@ -9,6 +9,7 @@ import tensorflow as tf
 from sklearn.metrics import adjusted_rand_score
 
 from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
+from mtl_keras.export import export_for_serving
 from mtl_keras.sharing import (
     GradientCollector,
     SelectiveSharing,
@@ -270,6 +271,12 @@ def test_merge_mid_fit_keeps_optimizer_state_and_lowers_parameters(tmp_path):
     assert loaded.estimator_of_task == [0, 0, 2, 2]
     x, _ = batch()
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    # ...and the SavedModel export serves the merged model.
+    path = export_for_serving(model, tmp_path / "serving")
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    served = serve(image=tf.constant(x["image"]), task=tf.constant(x["task"]))
+    np.testing.assert_allclose(served["logits"].numpy(), model.predict(x, verbose=0), atol=1e-5)
+    assert json.loads((path / "assets" / "mtl_keras_tasks.json").read_text())["estimator_of_task"] == [0, 0, 2, 2]
 
 
 def test_keep_best_validation_loss_and_rule_that_breaks_partition():
