@@ -37,7 +37,9 @@ from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.reporting import per_task, text_table, write_json  # noqa: E402
 
 
-# The rule that did best on validation accuracy (see README, "Selective Sharing").
+# The choice that did best on validation accuracy on all 50 alphabets
+# (docs/RESULTS.md: none 0.847, variance 0.818, similarity 0.774; README,
+# "Selective Sharing").
 SHARING_DEFAULT = "none"
 
 
@@ -130,15 +132,18 @@ def main(argv=None):
         MultiTaskTensorBoard(str(tensorboard_dir), config=vars(args)),
         CompactProgbar(),
     ]
+    # Each worker backs up into its own folder; Selective Sharing's record of
+    # merges goes beside that worker's BackupAndRestore state.
+    backup_dir = backup_dir_for_worker(args.backup_dir, strategy) if args.backup_dir else None
     sharing = None
     if args.sharing != "none":
         sharing = SelectiveSharing(
             args.sharing, start_epoch=min(args.sharing_epoch, args.epochs), log_dir=str(tensorboard_dir),
-            plot_dir=str(output), backup_dir=args.backup_dir, seed=args.seed, verbose=int(args.verbose > 0),
+            plot_dir=str(output), backup_dir=backup_dir, seed=args.seed, verbose=int(args.verbose > 0),
         )
         callbacks.insert(0, sharing)
-    if args.backup_dir:
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir_for_worker(args.backup_dir, strategy)))
+    if backup_dir:
+        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
     history = model.fit(train, validation_data=validation, epochs=args.epochs,
                         callbacks=callbacks, verbose=args.verbose, shuffle=False)
     train_seconds = time.time() - started
