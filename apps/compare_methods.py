@@ -19,7 +19,10 @@ Configurations (combine with '+'):
 
 Single-task results are cached in --cache-dir per task, keyed by a hash of
 everything they depend on, so later comparisons compute Δm without
-retraining them. Writes into --output: results.md, results.csv,
+retraining them. `--reuse DIR...` takes the runs of earlier comparisons of
+the same budget instead of training them again (to add seeds, or to put
+several comparisons in one table; `--reuse-only` trains nothing). Writes
+into --output: results.md, results.csv,
 per_task.csv, results.json and results.png.
 """
 
@@ -27,6 +30,7 @@ import argparse
 import ast
 import datetime
 import inspect
+import json
 import os
 import platform
 import re
@@ -412,6 +416,12 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None, help="folder of the tables (default runs/compare/<timestamp>)")
     p.add_argument("--cache-dir", default=str(ROOT / "runs" / "stl_cache"),
                    help="single-task result cache (shared between runs)")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="DIR",
+                   help="earlier --output folders of the same budget: their (configuration, seed) runs are "
+                        "taken instead of training again, e.g. to add seeds to a comparison")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="train nothing: build the table from the --reuse runs alone (configurations have "
+                        "as many seeds as were run)")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                    help="0 silent, 1 a line per run, 2 also Keras progress bars")
     args = p.parse_args(argv)
@@ -436,6 +446,40 @@ def resolve_configs(spec):
     return configs, skipped
 
 
+def budget_text(args, num_tasks, seeds):
+    """The training budget as one line (the table's caption; reused runs must match it)."""
+    return (f"{args.epochs} epochs, seeds {seeds}, batch {args.batch_size}, Adam lr {args.lr}, "
+            f"{num_tasks} tasks ({args.archives} archives), {args.image_size}x{args.image_size} images, "
+            f"VGG width {args.width} depth {args.depth}, BN momentum {args.bn_momentum}, "
+            f"head units {args.head_units}, head dropout {args.head_dropout}, "
+            f"jit_compile={args.jit_compile}; STL: up to {args.stl_epochs} epochs of batch "
+            f"{args.stl_batch_size}, early stopping on val accuracy from epoch 6 (patience "
+            f"{args.stl_patience}, best epoch restored)")
+
+
+def _without_seeds(budget):
+    return re.sub(r"seeds \[[^\]]*\], ", "", budget)
+
+
+def load_reused_runs(dirs, budget):
+    """`{(config, seed): run}` from earlier outputs (`results.json`) of the same budget."""
+    reused = {}
+    for d in dirs:
+        path = Path(d) / "results.json"
+        if not path.exists():
+            raise ValueError(f"--reuse {d}: no results.json there; give the --output folder of an earlier, "
+                             "finished comparison.")
+        saved = json.loads(path.read_text())
+        theirs = _without_seeds(saved["meta"]["budget"])
+        if theirs != _without_seeds(budget):
+            raise ValueError(f"--reuse {d}: its runs had another budget and cannot share a table with this one.\n"
+                             f"  theirs: {theirs}\n  this:   {_without_seeds(budget)}\n"
+                             "Run with the same flags (epochs, batch, model, data) as that comparison.")
+        for run in saved["runs"]:
+            reused.setdefault((run["config"], run["seed"]), run)
+    return reused
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -446,12 +490,26 @@ def main(argv=None):
     output.mkdir(parents=True, exist_ok=True)
     verbose = args.verbose
 
-    runs, tasks = [], None
+    runs, tasks, reused = [], None, None
     for seed in args.seeds:
         data = load_omniglot(data_dir=args.data_dir, tasks=args.tasks, image_size=args.image_size,
                              batch_size=args.batch_size, tfds_dir=args.tfds_dir, archives=args.archives, seed=seed)
         tasks = data.tasks
+        if reused is None:
+            reused = load_reused_runs(args.reuse, budget_text(args, len(tasks), args.seeds))
         for config in configs:
+            key = (config["name"], seed)
+            if key in reused:
+                runs.append(reused[key])
+                if verbose:
+                    print(f"[{time.time() - started:6.0f} s] {config['name']} seed {seed}: reused "
+                          f"(mean test accuracy {reused[key]['mean_test_accuracy']:.4f})", flush=True)
+                continue
+            if args.reuse_only:
+                if verbose:
+                    print(f"[{time.time() - started:6.0f} s] {config['name']} seed {seed}: no earlier run, "
+                          "left out (--reuse-only)", flush=True)
+                continue
             if verbose:
                 print(f"[{time.time() - started:6.0f} s] {config['name']} seed {seed}: training "
                       f"({len(tasks)} tasks, {args.epochs} epochs)", flush=True)
@@ -466,18 +524,13 @@ def main(argv=None):
                       f"{result['wall_seconds']:.0f} s", flush=True)
             write_json(output / "runs.json", runs)  # partial results survive an interruption
 
+    write_json(output / "runs.json", runs)
     rows = summarise(runs, list(tasks.names), [c["name"] for c in configs])
     command = "python apps/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {
         "command": command.strip(),
         "machine": machine_description(),
-        "budget": f"{args.epochs} epochs, seeds {args.seeds}, batch {args.batch_size}, Adam lr {args.lr}, "
-                  f"{len(tasks)} tasks ({args.archives} archives), {args.image_size}x{args.image_size} images, "
-                  f"VGG width {args.width} depth {args.depth}, BN momentum {args.bn_momentum}, "
-                  f"head units {args.head_units}, head dropout {args.head_dropout}, "
-                  f"jit_compile={args.jit_compile}; STL: up to {args.stl_epochs} epochs of batch "
-                  f"{args.stl_batch_size}, early stopping on val accuracy from epoch 6 (patience "
-                  f"{args.stl_patience}, best epoch restored)",
+        "budget": budget_text(args, len(tasks), args.seeds),
         "title": f"Omniglot, {len(tasks)} alphabets, {args.epochs} epochs, "
                  f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''} (mean ± std over seeds)",
         "finished": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -86,6 +86,15 @@ def test_summarise_computes_delta_m_over_seed_means():
     assert hard["tasks_beating_stl"] == 2 and hard["parameters"] == 60
 
 
+def common_args(tmp, data_dir):
+    return [
+        "--data-dir", str(data_dir), "--archives", "small", "--tfds-dir", str(tmp / "tfds"),
+        "--tasks", "3", "--epochs", "1", "--image-size", "12", "--width", "4", "--depth", "2",
+        "--head-units", "8", "--batch-size", "64", "--stl-epochs", "2", "--stl-batch-size", "64",
+        "--cache-dir", str(tmp / "cache"), "--verbose", "0",
+    ]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     try:
@@ -93,12 +102,7 @@ def runs(tmp_path_factory):
     except omniglot.OmniglotNotFoundError as e:
         pytest.fail(f"the small Omniglot archives are needed for this test: {e}")
     tmp = tmp_path_factory.mktemp("compare")
-    common = [
-        "--data-dir", str(data_dir), "--archives", "small", "--tfds-dir", str(tmp / "tfds"),
-        "--tasks", "3", "--epochs", "1", "--image-size", "12", "--width", "4", "--depth", "2",
-        "--head-units", "8", "--batch-size", "64", "--stl-epochs", "2", "--stl-batch-size", "64",
-        "--cache-dir", str(tmp / "cache"), "--verbose", "0",
-    ]
+    common = common_args(tmp, data_dir)
     first = app.main(common + ["--configs", "stl,hard,tr0.5,tr0.5+similarity", "--output", str(tmp / "one")])
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp / "cache").glob("stl-*.json")}
     second = app.main(common + ["--configs", "tr0.25,pcgrad:every_n_steps=2", "--output", str(tmp / "two")])
@@ -151,3 +155,22 @@ def test_second_run_takes_stl_from_the_cache(runs):
     assert [r["config"] for r in second["rows"]] == ["stl", "tr0.25", "pcgrad:every_n_steps=2"]
     pcgrad = next(r for r in second["runs"] if r["config"] == "pcgrad:every_n_steps=2")
     assert pcgrad["weighting"]["every_n_steps"] == 2
+
+
+def test_reuse_puts_earlier_runs_in_one_table_and_refuses_another_budget(runs):
+    tmp, first, second, _ = runs
+    data_dir = omniglot.find_omniglot_dir(archives="small")
+    common = common_args(tmp, data_dir)
+    both = app.main(common + ["--configs", "stl,hard,tr0.25,tr0.5", "--reuse", str(tmp / "one"), str(tmp / "two"),
+                              "--reuse-only", "--output", str(tmp / "both")])
+    assert [r["config"] for r in both["rows"]] == ["stl", "hard", "tr0.25", "tr0.5"]
+    earlier = {r["config"]: r for r in first["runs"] + second["runs"]}
+    for run in both["runs"]:
+        assert run["test_accuracy"] == earlier[run["config"]]["test_accuracy"]  # taken, not retrained
+    # A configuration no earlier run has is left out with --reuse-only.
+    none = app.main(common + ["--configs", "stl,tr0.75", "--reuse", str(tmp / "one"), "--reuse-only",
+                              "--output", str(tmp / "none")])
+    assert [r["config"] for r in none["rows"]] == ["stl"]
+    with pytest.raises(ValueError, match="another budget"):
+        app.main(common + ["--epochs", "2", "--configs", "stl", "--reuse", str(tmp / "one"),
+                           "--output", str(tmp / "bad")])
