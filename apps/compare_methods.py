@@ -4,7 +4,7 @@ Trains every configuration of --configs on the same data, seeds and budget
 and writes a table of mean test accuracy (mean ± std over seeds), per-task
 accuracy, Δm against single-task learning, parameter count and wall time:
 
-    python apps/compare_methods.py --epochs 6 --seeds 0
+    python apps/compare_methods.py                      # docs/RESULTS.md's seed-0 table (~40 min on 2 cores)
     python apps/compare_methods.py --configs stl,hard,tr0.5,tr0.5+pcgrad --tasks 10 --seeds 0 1 2
 
 Configurations (combine with '+'):
@@ -52,7 +52,9 @@ from mtl_keras.data import load_omniglot  # noqa: E402
 from mtl_keras.reporting import markdown_table, per_task, text_table, write_json  # noqa: E402
 from mtl_keras.weighting import available_weightings, get_weighting  # noqa: E402
 
-DEFAULT_CONFIGS = "stl,hard,tr0.25,tr0.5,tr0.75,tr0.5+similarity,uncertainty,pcgrad"
+# The configurations of docs/RESULTS.md (PCGrad every 10 steps: its exact
+# per-task gradients cost ~40x a step at 50 tasks, see docs/BENCHMARKS.md).
+DEFAULT_CONFIGS = "stl,hard,tr0.25,tr0.5,tr0.75,tr0.5+similarity,tr0.5+variance,uncertainty,pcgrad:every_n_steps=10"
 DEFAULT_SIGMA = 0.5
 
 
@@ -392,7 +394,7 @@ def parse_args(argv=None):
                         "whose weighting or sharing rule is not available are skipped with a warning "
                         "when they come from the default list, and are an error when named explicitly")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--tasks", type=int, default=None, help="first K alphabets (default: all)")
     p.add_argument("--archives", choices=("full", "small"), default="full")
     p.add_argument("--data-dir", default=None)
