@@ -56,8 +56,9 @@ def test_default_configs_use_the_registered_weightings():
     configs, skipped = app.resolve_configs(app.DEFAULT_CONFIGS)
     names = [c["name"] for c in configs]
     assert names[0] == "stl" and "hard" in names and "tr0.5" in names
-    for w in ("uncertainty", "pcgrad"):
-        assert (w in names) == (w in available_weightings())
+    weightings = {c["weighting"] for c in configs if c["weighting"]}
+    assert weightings == {"uncertainty", "pcgrad"} <= set(available_weightings())
+    assert next(c for c in configs if c["weighting"] == "pcgrad")["weighting_kwargs"] == {"every_n_steps": 10}
     assert all(name in app.DEFAULT_CONFIGS.split(",") for name in names + [s for s, _ in skipped])
     # Named explicitly, an unavailable part is an error, and STL is always added for Δm.
     with pytest.raises(ValueError):
