@@ -239,12 +239,11 @@ def run_stl(data, args, seed):
     # accuracy: the strongest STL baseline the data allow, so Δm is
     # conservative. The first epochs are never kept: batch-norm statistics
     # are still settling there and a lucky early epoch would win on noise.
-    cache_config["early_stopping"] = {"monitor": "val_mean_accuracy", "patience": args.stl_patience,
-                                      "start_from_epoch": 5}
+    stopping = {"monitor": "val_mean_accuracy", "mode": "max", "patience": args.stl_patience, "start_from_epoch": 5}
+    cache_config["early_stopping"] = stopping  # part of what the cached results depend on
 
     def early_stopping(task):
-        return [keras.callbacks.EarlyStopping("val_mean_accuracy", mode="max", patience=args.stl_patience,
-                                              start_from_epoch=5, restore_best_weights=True)]
+        return [keras.callbacks.EarlyStopping(**stopping, restore_best_weights=True)]
 
     started = time.time()
     stl = train_single_task_models(

@@ -1,22 +1,13 @@
 """apps/benchmark.py: ratios, targets and tables; a tiny smoke run in subprocesses."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from app_loading import load_app
 
 
-def _app():
-    spec = importlib.util.spec_from_file_location("benchmark_app", ROOT / "apps" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-app = _app()
+app = load_app("benchmark")
 
 TINY = ["--batch-size", "8", "--image-size", "8", "--width", "4", "--depth", "1", "--head-units", "4",
         "--classes", "3", "--steps", "2", "--warmup", "1"]

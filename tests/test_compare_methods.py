@@ -1,26 +1,14 @@
 """apps/compare_methods.py: configuration grammar, Δm summary, tables, STL cache."""
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mtl_keras.data import omniglot
+from app_loading import load_app, small_omniglot_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _app():
-    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "apps" / "compare_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-app = _app()
+app = load_app("compare_methods")
 
 
 def test_parse_config_grammar():
@@ -98,10 +86,7 @@ def common_args(tmp, data_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    try:
-        data_dir = omniglot.find_omniglot_dir(archives="small")
-    except omniglot.OmniglotNotFoundError as e:
-        pytest.fail(f"the small Omniglot archives are needed for this test: {e}")
+    data_dir = small_omniglot_dir()
     tmp = tmp_path_factory.mktemp("compare")
     common = common_args(tmp, data_dir)
     first = app.main(common + ["--configs", "stl,hard,tr0.5,tr0.5+similarity", "--output", str(tmp / "one")])
@@ -160,8 +145,7 @@ def test_second_run_takes_stl_from_the_cache(runs):
 
 def test_reuse_puts_earlier_runs_in_one_table_and_refuses_another_budget(runs):
     tmp, first, second, _ = runs
-    data_dir = omniglot.find_omniglot_dir(archives="small")
-    common = common_args(tmp, data_dir)
+    common = common_args(tmp, small_omniglot_dir())
     both = app.main(common + ["--configs", "stl,hard,tr0.25,tr0.5", "--reuse", str(tmp / "one"), str(tmp / "two"),
                               "--reuse-only", "--output", str(tmp / "both")])
     assert [r["config"] for r in both["rows"]] == ["stl", "hard", "tr0.25", "tr0.5"]

@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
+from synthetic import per_example_batch
 
 
 def small_tasks():
@@ -23,18 +24,6 @@ def small_model(tasks=None, sigma=0.5, **kwargs):
     model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     return model
-
-
-def per_example_batch(n=12, seed=0, num_tasks=4):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, 8, 8, 1)).astype("float32")
-    t = (np.arange(n) % num_tasks).astype("int32")
-    y = np.zeros((n, 2), "float32")
-    y[t == 0, 0] = rng.integers(0, 3, (t == 0).sum())
-    y[t == 1, 0] = rng.integers(0, 5, (t == 1).sum())
-    y[t == 2, 0] = rng.integers(0, 2, (t == 2).sum())
-    y[t == 3] = rng.normal(size=((t == 3).sum(), 2))
-    return {"image": x, "task": t}, y
 
 
 def np_losses(logits, y, t):

@@ -7,25 +7,21 @@ calling the SavedModel written by `export_for_serving`, loaded with plain
 `tf.saved_model.load`.
 """
 
-import importlib.util
 import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from app_loading import load_app
 from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
 from mtl_keras.export import export_for_serving, reference_predictions
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("serving_client", ROOT / "apps" / "serving_client.py")
-client = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(client)
+client = load_app("serving_client")
 
 MODEL = "omniglot"
 _DTYPES = {tf.float32: "DT_FLOAT", tf.int32: "DT_INT32", tf.int64: "DT_INT64"}

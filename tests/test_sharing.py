@@ -22,6 +22,7 @@ from mtl_keras.sharing import (
     planted_model,
     validate_groups,
 )
+from synthetic import per_example_batch
 
 
 def four_tasks():
@@ -54,15 +55,7 @@ def small_model(optimizer=None, strategy=None, batch_norm=False):
 
 
 def batch(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, 8, 8, 1)).astype("float32")
-    t = (np.arange(n) % 4).astype("int32")
-    y = np.zeros((n, 2), "float32")
-    y[t == 0, 0] = rng.integers(0, 3, (t == 0).sum())
-    y[t == 1, 0] = rng.integers(0, 5, (t == 1).sum())
-    y[t == 2, 0] = rng.integers(0, 2, (t == 2).sum())
-    y[t == 3] = rng.normal(size=((t == 3).sum(), 2))
-    return {"image": x, "task": t}, y
+    return per_example_batch(n, seed)
 
 
 def dataset(n=32, batch_size=8, seed=0):

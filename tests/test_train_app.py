@@ -1,34 +1,20 @@
 """Integration: the Omniglot app trains on a slice of the real archives and exports."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mtl_keras.data import omniglot
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _app():
-    spec = importlib.util.spec_from_file_location("train_omniglot", ROOT / "apps" / "train_omniglot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from app_loading import load_app, small_omniglot_dir
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    try:
-        data_dir = omniglot.find_omniglot_dir(archives="small")
-    except omniglot.OmniglotNotFoundError as e:
-        pytest.fail(f"the small Omniglot archives are needed for this test: {e}")
+    data_dir = small_omniglot_dir()
     tmp = tmp_path_factory.mktemp("app")
     argv = [
         "--data-dir", str(data_dir), "--archives", "small", "--tfds-dir", str(tmp / "tfds"),
@@ -36,7 +22,7 @@ def run(tmp_path_factory):
         "--epochs", "2", "--batch-size", "64", "--output", str(tmp / "run"),
         "--export-dir", str(tmp / "saved"), "--verbose", "0",
     ]
-    report = _app().main(argv)
+    report = load_app("train_omniglot").main(argv)
     return tmp, report
 
 
@@ -59,7 +45,7 @@ def test_exported_app_model_serves_real_images_in_a_fresh_process(run):
     from mtl_keras.data import load_omniglot
 
     data = load_omniglot(
-        data_dir=omniglot.find_omniglot_dir(archives="small"), tasks=3, image_size=16, batch_size=32,
+        data_dir=small_omniglot_dir(), tasks=3, image_size=16, batch_size=32,
         tfds_dir=tmp / "tfds", archives="small",
     )
     x, y = next(iter(data.test))

@@ -1,8 +1,6 @@
 """KerasTuner over sigma: the hypermodel, a real search, resuming, and the best model's reload."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import keras
 import keras_tuner
@@ -10,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from app_loading import load_app, small_omniglot_dir
 from mtl_keras import Task, TaskSet, conv_backbone
 from mtl_keras.backbones import routing_layers
-from mtl_keras.data import omniglot
 from mtl_keras.tuning import (
     OBJECTIVE_NAME,
     SigmaHyperModel,
@@ -137,15 +135,8 @@ def test_plot_needs_scored_trials(tmp_path):
 
 @pytest.mark.slow
 def test_tune_sigma_app_on_real_archives_resumes_and_reports(tmp_path):
-    try:
-        data_dir = omniglot.find_omniglot_dir(archives="small")
-    except omniglot.OmniglotNotFoundError as e:
-        pytest.fail(f"the small Omniglot archives are needed for this test: {e}")
-    spec = importlib.util.spec_from_file_location(
-        "tune_sigma", Path(__file__).resolve().parents[1] / "apps" / "tune_sigma.py"
-    )
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    data_dir = small_omniglot_dir()
+    app = load_app("tune_sigma")
     argv = [
         "--data-dir", str(data_dir), "--archives", "small", "--tfds-dir", str(tmp_path / "tfds"),
         "--tasks", "2", "--image-size", "16", "--width", "8", "--depth", "2", "--head-units", "16",

@@ -1,0 +1,20 @@
+"""Synthetic one-task-per-example data for the four small tasks the model and sharing tests use."""
+
+import numpy as np
+
+
+def per_example_batch(n=12, seed=0, num_tasks=4):
+    """`({"image": [n, 8, 8, 1], "task": [n]}, y [n, 2])`, task ids cycling over `num_tasks`.
+
+    Labels fit tasks a (3 classes), b (5 classes), c (binary) and d
+    (regression with 2 outputs); unused label columns are 0.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 8, 8, 1)).astype("float32")
+    t = (np.arange(n) % num_tasks).astype("int32")
+    y = np.zeros((n, 2), "float32")
+    y[t == 0, 0] = rng.integers(0, 3, (t == 0).sum())
+    y[t == 1, 0] = rng.integers(0, 5, (t == 1).sum())
+    y[t == 2, 0] = rng.integers(0, 2, (t == 2).sum())
+    y[t == 3] = rng.normal(size=((t == 3).sum(), 2))
+    return {"image": x, "task": t}, y
