@@ -1,0 +1,1 @@
+"""Experiments over the library: provenance of results, method comparisons, benchmark reports."""

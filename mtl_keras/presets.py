@@ -1,0 +1,173 @@
+"""Named training configurations: the one source of every default the apps use.
+
+A `TrainConfig` holds what a run of a many-task model on an image task set
+needs (data, model, training). `PRESETS` names the configurations the apps
+start from, in the spirit of keras-hub's `from_preset`: an app picks its
+preset, `add_config_arguments` turns the preset's fields into command-line
+flags whose defaults are the preset's values, and `config_from_args` gives the
+`TrainConfig` back. A default changes in one place, here.
+
+Example:
+
+>>> parser = argparse.ArgumentParser()
+>>> add_config_arguments(parser, preset="omniglot")
+>>> config = config_from_args(parser.parse_args(["--epochs", "3"]))
+>>> config.epochs, config.sigma
+(3, 0.5)
+"""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+ARCHIVES = ("full", "small")
+ROUTING_MODES = ("partition", "independent")
+SHARING_RULES = ("none", "similarity", "variance")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+
+
+def _option(default, help, group, choices=None, positive=False):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "positive": positive})
+
+
+def _weightings():
+    # Imported when flags are made: the weighting registry needs TensorFlow.
+    from mtl_keras.weighting import available_weightings
+
+    return tuple(available_weightings())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run of the apps depends on.
+
+    Every field is a flag of the apps that expose its group (`--image-size`
+    for `image_size`, ...). The values below are the `"omniglot"` preset, the
+    README's first command.
+    """
+
+    # data
+    archives: str = _option("full", "'full' = 50 alphabets; 'small' = the 8 alphabets of the _small zips "
+                            "(quick runs)", "data", ARCHIVES)
+    tasks: typing.Optional[int] = _option(None, "use the first K tasks (default: all)", "data", positive=True)
+    image_size: int = _option(32, "images are resized to this square size", "data", positive=True)
+    # model
+    sigma: float = _option(0.5, "sharing ratio: 1 = fully shared, 0 = a sub-network per task", "model")
+    routing_mode: str = _option("partition", "how routing masks are drawn from sigma", "model", ROUTING_MODES)
+    width: int = _option(32, "filters of the first conv block (doubled per block)", "model", positive=True)
+    depth: int = _option(4, "number of conv blocks", "model", positive=True)
+    head_units: typing.Tuple[int, ...] = _option((128,), "estimator widths of each task head", "model")
+    head_dropout: float = _option(0.2, "dropout after each head estimator layer", "model")
+    bn_momentum: float = _option(0.99, "batch-norm momentum of the moving statistics", "model")
+    weighting: str = _option("equal", "loss weighting / gradient method (mtl_keras.weighting)", "model", _weightings)
+    sharing: str = _option("none", "Selective Sharing rule that merges task heads during training",
+                           "model", SHARING_RULES)
+    sharing_epoch: int = _option(2, "epoch at whose end the heads are grouped and merged", "model")
+    # training
+    epochs: int = _option(12, "training epochs", "training", positive=True)
+    batch_size: int = _option(128, "global batch size (split over replicas)", "training", positive=True)
+    lr: float = _option(2e-3, "Adam learning rate", "training", positive=True)
+    seed: int = _option(0, "seeds weights, routing masks and shuffling", "training")
+    jit_compile: bool = _option(False, "XLA-compile the train step (slower on CPU, see docs/BENCHMARKS.md)",
+                                "training")
+    strategy: str = _option("auto", "tf.distribute strategy (auto: from TF_CONFIG and the visible GPUs)",
+                            "training", STRATEGIES)
+
+    def replace(self, **changes):
+        """A copy with `changes` applied (the dataclass is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        """The fields as plain JSON-friendly values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+_MAIN = TrainConfig()
+
+PRESETS = {
+    # The README's first command: `python apps/train_omniglot.py`.
+    "omniglot": _MAIN,
+    # The comparison of docs/RESULTS.md: the same model and budget; BN momentum
+    # 0.9, with which the documented tables were made.
+    "omniglot_comparison": _MAIN.replace(bn_momentum=0.9),
+    # KerasTuner trials: short (4 epochs of batch 64), so batch norm needs
+    # the faster momentum; one device, as KerasTuner runs trials one by one.
+    "omniglot_tuning": _MAIN.replace(bn_momentum=0.9, batch_size=64, epochs=4, strategy="default"),
+}
+
+
+def get_preset(name):
+    """The `TrainConfig` of preset `name` (see `PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; available: {sorted(PRESETS)}.")
+    return PRESETS[name]
+
+
+def _field_type(f):
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if typing.get_origin(hint) is typing.Union:  # Optional[int]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def add_config_arguments(parser, preset="omniglot", groups=("data", "model", "training"), exclude=()):
+    """Adds a flag for each `TrainConfig` field of `groups`, defaulting to `preset`'s value.
+
+    Args:
+        parser: an `argparse.ArgumentParser`.
+        preset: the preset whose values are the flags' defaults.
+        groups: which field groups become flags (`"data"`, `"model"`, `"training"`).
+        exclude: field names to leave out (an app that fixes them itself).
+
+    Returns:
+        The parser. Fields not exposed keep the preset's value in
+        `config_from_args`.
+    """
+    config = get_preset(preset)
+    parser.set_defaults(_preset=preset)
+    sections = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if meta["group"] not in groups or f.name in exclude:
+            continue
+        if meta["group"] not in sections:
+            sections[meta["group"]] = parser.add_argument_group(meta["group"])
+        section = sections[meta["group"]]
+        name = "--" + f.name.replace("_", "-")
+        default = getattr(config, f.name)
+        help_text = f"{meta['help']} (default: {default})"
+        kind = _field_type(f)
+        if kind is bool:
+            section.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            section.add_argument(name, type=int, nargs="*", default=list(default), help=help_text)
+        elif meta["choices"]:
+            choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+            section.add_argument(name, choices=choices, default=default, help=help_text)
+        elif meta["positive"]:
+            section.add_argument(name, type=_positive(kind), default=default, help=help_text)
+        else:
+            section.add_argument(name, type=kind, default=default, help=help_text)
+    return parser
+
+
+def config_from_args(args):
+    """The `TrainConfig` of parsed `args`: the preset, with every exposed flag's value."""
+    config = get_preset(getattr(args, "_preset", "omniglot"))
+    values = vars(args)
+    changes = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values:
+            value = values[f.name]
+            changes[f.name] = tuple(value) if isinstance(value, list) else value
+    return config.replace(**changes)

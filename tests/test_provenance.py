@@ -1,0 +1,48 @@
+"""RunProvenance names what else loaded the machine, from the machine's own counters."""
+
+import subprocess
+import sys
+import time
+
+from mtl_keras.experiments.provenance import RunProvenance, command_line, describe, git_commit, run_directory
+
+
+def test_record_has_commit_command_and_load(tmp_path):
+    with RunProvenance(argv=["--quick"], program="apps/benchmark.py") as prov:
+        time.sleep(0.2)
+    record = prov.record
+    commit, _ = git_commit()
+    assert record["git_commit"] == commit and len(commit) == 40
+    assert record["command"] == "python apps/benchmark.py --quick"
+    assert len(record["load_average_before"]) == 3 and len(record["load_average_after"]) == 3
+    assert record["wall_seconds"] >= 0.2
+    assert "load average" in describe(record)
+
+
+def test_a_busy_process_beside_the_run_is_named_heavy():
+    # Started through a shell that exits at once, so the busy loop is not this
+    # process's descendant: it stands for a test suite running beside a benchmark.
+    marker = "provenance_busy_loop"
+    code = f"import time\nt = time.time()\nwhile time.time() - t < 2.5: pass  # {marker}"
+    subprocess.run(["sh", "-c", f'{sys.executable} -c "{code}" >/dev/null 2>&1 &'], check=True)
+    with RunProvenance(argv=[]) as prov:
+        time.sleep(2.0)
+    heavy = prov.record["heavy_processes"]
+    assert any(p["name"].startswith("python") and p["cpu_seconds"] > 0.5 for p in heavy), heavy
+    assert prov.record["quiet"] is False
+    assert "beside it ran" in describe(prov.record)
+
+
+def test_own_children_are_not_counted_as_others():
+    with RunProvenance(argv=[]) as prov:
+        subprocess.run([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"],
+                       check=True)
+    assert not any(p["cpu_seconds"] > 1.0 and p["name"].startswith("python") for p in prov.record["heavy_processes"])
+
+
+def test_run_directory_and_command(tmp_path):
+    out = run_directory("omniglot", root=tmp_path)
+    assert out.is_dir() and out.parent == tmp_path / "omniglot"
+    assert run_directory("x", output=tmp_path / "given") == tmp_path / "given"
+    assert command_line(["--tasks", "a b"], program="apps/train_omniglot.py") == \
+        "python apps/train_omniglot.py --tasks 'a b'"
