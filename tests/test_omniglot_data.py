@@ -394,3 +394,50 @@ def test_reshuffles_each_epoch(small_tfds):
     # Same examples, new order.
     key = lambda x, y: sorted(zip(x["task"].numpy(), y.numpy()))  # noqa: E731
     assert key(x1, y1) == key(x2, y2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named, allowed",
+    [
+        ({"image_size": 0}, "image_size", "a positive integer"),
+        ({"image_size": -32}, "image_size", "a positive integer"),
+        ({"image_size": 2.5}, "image_size", "a positive integer"),
+        ({"image_size": "32"}, "image_size", "a positive integer"),
+        ({"image_size": True}, "image_size", "a positive integer"),
+        ({"batch_size": 0}, "batch_size", "a positive integer"),
+        ({"batch_size": -1}, "batch_size", "a positive integer"),
+        ({"batch_size": None}, "batch_size", "a positive integer"),
+        ({"shuffle_buffer": -1}, "shuffle_buffer", "an integer >= 0"),
+        ({"tasks": 0}, "tasks=0", "use 1 to 8"),
+        ({"tasks": 9}, "tasks=9", "use 1 to 8"),
+        ({"tasks": -1}, "tasks=-1", "use 1 to 8"),
+        ({"tasks": 2.0}, "2.0", "an int from 1 to 8 or a list of alphabet names"),
+        ({"tasks": ["Latin", "Klingon"]}, "['Klingon']", "'Balinese', 'Early_Aramaic'"),
+        ({"tasks": ["Angelic"]}, "['Angelic']", "'Balinese', 'Early_Aramaic'"),
+        ({"tasks": []}, "at least one alphabet", "'Balinese', 'Early_Aramaic'"),
+        ({"archives": "medium"}, "'medium'", "['full', 'small']"),
+        ({"archives": ["images_background.zip"]}, "['images_background.zip']", "['full', 'small']"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_io(no_default_dirs, kwargs, named, allowed):
+    # Nothing is reachable here: an argument checked late would surface as
+    # "archives not found" instead.
+    kwargs = {"archives": "small", **kwargs}
+    with pytest.raises(ValueError) as info:
+        omniglot.load_omniglot(**kwargs)
+    message = str(info.value)
+    assert named in message and allowed in message
+    name = next(iter(kwargs.keys() - {"archives"}), "archives")
+    assert name in message
+
+
+def test_data_smaller_than_a_batch(small_tfds):
+    data = omniglot.load_omniglot(
+        tasks=["Tagalog"], archives="small", tfds_dir=small_tfds, batch_size=10_000, image_size=8
+    )
+    for split, drawers in (("train", 14), ("validation", 3), ("test", 3)):
+        batches = list(getattr(data, split))
+        assert len(batches) == 1
+        inputs, labels = batches[0]
+        assert labels.shape == (17 * drawers,) == (data.num_examples[split],)
+        assert inputs["image"].shape == (17 * drawers, 8, 8, 1)

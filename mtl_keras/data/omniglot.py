@@ -681,8 +681,7 @@ def omniglot_builder(data_dir=None, *, archives="full", tfds_dir=None, prepare=T
     >>> builder.info.splits["train"].num_examples
     3388
     """
-    if archives not in _CONFIG_ALPHABETS:
-        raise ValueError(f"archives must be one of {sorted(_CONFIG_ALPHABETS)}, got {archives!r}.")
+    _check_archives(archives)
     builder = OmniglotAlphabets(
         config=archives,
         data_dir=None if tfds_dir is None else os.fspath(tfds_dir),
@@ -707,31 +706,49 @@ def _task_name(alphabet):
     return "".join(c if (c.isalnum() or c in "_-.()") else "_" for c in alphabet)
 
 
-def _select_alphabets(tasks, archives="full"):
-    available = _CONFIG_ALPHABETS.get(archives)
-    if available is None:
+def _check_archives(archives):
+    if not isinstance(archives, str) or archives not in _CONFIG_ALPHABETS:
         raise ValueError(f"archives must be one of {sorted(_CONFIG_ALPHABETS)}, got {archives!r}.")
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _select_alphabets(tasks, archives="full"):
+    _check_archives(archives)
+    available = _CONFIG_ALPHABETS[archives]
     if tasks is None:
         return available
-    if isinstance(tasks, (int, np.integer)) and not isinstance(tasks, bool):
+    if _is_int(tasks):
         if not 1 <= tasks <= len(available):
             raise ValueError(
-                f"tasks={tasks}: the {archives!r} archives have {len(available)} alphabets."
+                f"tasks={tasks} is out of range: the {archives!r} archives have "
+                f"{len(available)} alphabets; use 1 to {len(available)}, a list of alphabet "
+                "names, or None for all."
             )
         return available[: int(tasks)]
     if isinstance(tasks, str):
         tasks = [tasks]
+    if not hasattr(tasks, "__iter__"):
+        raise ValueError(
+            f"tasks must be None, an int from 1 to {len(available)} or a list of alphabet "
+            f"names; got {tasks!r}."
+        )
     # Also accepts `Task`s (e.g. a `TaskSet` from an earlier run), by name.
     selected = tuple(getattr(t, "name", t) for t in tasks)
     unknown = [a for a in selected if a not in available]
     if unknown:
         raise ValueError(
-            f"Unknown alphabets {unknown} for archives={archives!r}; choose from {list(available)}."
+            f"Unknown alphabets {unknown} in tasks for archives={archives!r}; choose from "
+            f"{list(available)}."
         )
     if len(set(selected)) != len(selected):
         raise ValueError(f"Alphabets repeated in tasks={list(selected)}.")
     if not selected:
-        raise ValueError("tasks must select at least one alphabet.")
+        raise ValueError(
+            f"tasks must select at least one alphabet; choose from {list(available)}."
+        )
     return selected
 
 
@@ -782,6 +799,12 @@ class OmniglotData:
     alphabet_names: tuple
 
 
+def _positive_int(name, value):
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (1, 2, ...); got {value!r}.")
+    return int(value)
+
+
 def load_omniglot(
     data_dir=None,
     tasks=None,
@@ -802,6 +825,8 @@ def load_omniglot(
     shuffle (train only, seeded, reshuffled every epoch) -> batch ->
     prefetch. Output order is deterministic for a given `seed`.
 
+    A split smaller than `batch_size` gives one smaller batch.
+
     Args:
         data_dir: directory with the zip archives; default: search.
         tasks: None (all alphabets), an int K (the first K alphabets in the
@@ -821,12 +846,24 @@ def load_omniglot(
     Returns:
         An `OmniglotData`.
 
+    Raises:
+        ValueError: a bad argument (named, with what is allowed).
+        OmniglotNotFoundError: no archives.
+        OmniglotArchiveError: an archive is corrupt or not an Omniglot one.
+
     Example:
 
     >>> data = load_omniglot(tasks=["Latin", "Greek"], archives="small")
     >>> data.tasks.names, data.num_examples["train"]
     (('Latin', 'Greek'), 700)
     """
+    # Every argument is checked before anything is searched or prepared.
+    size = _positive_int("image_size", image_size)
+    batch_size = _positive_int("batch_size", batch_size)
+    if not _is_int(shuffle_buffer) or shuffle_buffer < 0:
+        raise ValueError(
+            f"shuffle_buffer must be an integer >= 0 (0: no shuffling); got {shuffle_buffer!r}."
+        )
     alphabets = _select_alphabets(tasks, archives)
     task_set = omniglot_tasks(alphabets, archives)
     builder = omniglot_builder(data_dir, archives=archives, tfds_dir=tfds_dir)
@@ -837,7 +874,6 @@ def load_omniglot(
     for task_id, alphabet in enumerate(alphabets):
         remap[label_names.index(alphabet)] = task_id
     remap = tf.constant(remap)
-    size = int(image_size)
 
     characters = sum(ALPHABET_NUM_CHARACTERS[a] for a in alphabets)
     num_examples = {s: characters * len(d) for s, d in SPLIT_DRAWERS.items()}
@@ -868,7 +904,7 @@ def load_omniglot(
         if cache:
             ds = ds.cache()
         if split == "train" and shuffle_buffer:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
         # The filter hides the size from tf.data; state it, so the progress
         # bar has a target from the first epoch and Keras does not warn.
         ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples[split]))
