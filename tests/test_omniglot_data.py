@@ -17,6 +17,7 @@ from PIL import Image
 
 from mtl_keras.data import omniglot
 from mtl_keras.tasks import Task
+from omniglot_fakes import hide_archives
 
 SMALL_ARCHIVES = omniglot.ARCHIVE_SETS["small"]
 FULL_ARCHIVES = omniglot.ARCHIVE_SETS["full"]
@@ -61,12 +62,9 @@ def small_tfds(small_dir, tmp_path_factory):
 
 @pytest.fixture
 def no_default_dirs(tmp_path, monkeypatch):
-    """Hides every default location of the archives; returns an empty dir."""
-    monkeypatch.delenv(omniglot.OMNIGLOT_DIR_ENV, raising=False)
-    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(omniglot, "_REPO_ROOT", tmp_path / "repo" / "main")
-    monkeypatch.chdir(tmp_path)
+    """Hides every default location of the archives and forbids downloads
+    (a test never reaches the internet); returns an empty dir."""
+    hide_archives(monkeypatch, tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     return empty
@@ -183,6 +181,7 @@ def test_download_failure_is_explained(no_default_dirs, monkeypatch):
         raise urllib.error.URLError("no network in this test")
 
     monkeypatch.setattr(omniglot.urllib.request, "urlopen", offline)
+    monkeypatch.delenv(omniglot.NO_DOWNLOAD_ENV)
     with pytest.raises(omniglot.OmniglotNotFoundError, match="no network in this test") as info:
         omniglot.find_omniglot_dir(download=True)
     assert "images_background.zip" in str(info.value)
