@@ -194,8 +194,11 @@ def test_prepared_small_counts_and_splits(small_tfds):
     builder = omniglot.omniglot_builder(archives="small", tfds_dir=small_tfds, prepare=False)
     assert builder.is_prepared()
     assert (builder.data_path / "dataset_info.json").exists()
-    # Keyed by config: <tfds_dir>/omniglot_alphabets/small/1.0.0.
+    # Keyed by the archives' content, then by config:
+    # <tfds_dir>/omniglot_alphabets_by_archives/<key>/omniglot_alphabets/small/1.0.0.
     assert builder.data_path.parts[-3:] == ("omniglot_alphabets", "small", "1.0.0")
+    assert builder.data_path.parts[-5:-3] == ("omniglot_alphabets_by_archives", builder.archives_key)
+    assert builder.info.metadata["archives_key"] == builder.archives_key
     info = builder.info
     assert info.features["alphabet"].names == list(SMALL_ALPHABETS)
     assert {s: info.splits[s].num_examples for s in ("train", "validation", "test")} == {
@@ -251,6 +254,7 @@ def test_configs_are_prepared_apart(small_tfds, no_default_dirs):
     with pytest.raises(omniglot.OmniglotNotFoundError):
         omniglot.load_omniglot(archives="full", tfds_dir=small_tfds)
     assert not (small_tfds / "omniglot_alphabets" / "full" / "1.0.0").exists()
+    assert not list(small_tfds.rglob("full"))
 
 
 # --- corrupt and wrong archives ---------------------------------------------
@@ -273,6 +277,7 @@ def test_truncated_zip_is_reported(small_dir, tmp_path):
     assert "download it again" in message and SMALL_ARCHIVES[0] in message
     # Nothing half-prepared is left behind to be mistaken for a dataset.
     assert not (tmp_path / "tfds" / "omniglot_alphabets" / "small" / "1.0.0").exists()
+    assert not list(tmp_path.rglob("dataset_info.json"))
 
 
 def test_damaged_image_data_is_reported(small_dir, tmp_path):

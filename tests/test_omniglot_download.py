@@ -7,6 +7,7 @@ download. Nothing here reaches the internet: every test points
 """
 
 import hashlib
+import io
 import os
 import pathlib
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import zipfile
 
 import pytest
@@ -173,6 +175,26 @@ def test_download_killed_midway_leaves_no_archive(tfds_dir, server, originals, t
     assert _contents(manual) == sorted(SMALL)
     for name in SMALL:
         assert (manual / name).read_bytes() == originals[name]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place(monkeypatch):
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    clock = iter([100.0, 100.1, 100.15])
+    monkeypatch.setattr(omniglot, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    progress = omniglot._Progress("images_background.zip", 9_464_212)
+    progress.update(0)
+    progress.update(4_732_106)  # 0.1 s after the last redraw: skipped.
+    progress.update(9_464_212, final=True)  # The last one always shows.
+    assert screen.getvalue() == (
+        "\rimages_background.zip: [" + "." * 30 + "] 0.0/9.5 MB   0%"
+        "\rimages_background.zip: [" + "#" * 30 + "] 9.5/9.5 MB 100%\n"
+    )
 
 
 def _one_byte_changed(data):
