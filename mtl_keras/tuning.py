@@ -273,11 +273,11 @@ def plot_objective(trials, path, hyperparameter="sigma", title=None):
     Returns:
         `path`.
     """
-    import matplotlib
+    import matplotlib.colors
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mtl_keras.plots import pyplot
 
+    plt = pyplot()
     done = [t for t in trials if t["score"] is not None and hyperparameter in t["hyperparameters"]]
     if not done:
         raise ValueError(f"No finished trial has a score and a {hyperparameter!r} value to plot.")
