@@ -5,203 +5,139 @@
 
 Writes into --output (default runs/omniglot/<timestamp>): TensorBoard logs,
 report.json (per-task test accuracy by alphabet, mean, parameters, sigma,
-seed, wall time, export path), accuracy.png, and exports a SavedModel for TF
-Serving to saved_models/omniglot/<version>/ (--export-dir to change).
+seed, wall time, export path, provenance), accuracy.png, and exports a
+SavedModel for TF Serving to saved_models/omniglot/<version>/ (--export-dir
+to change). Data, model and training defaults are the "omniglot" preset
+(mtl_keras.presets).
 """
 
 import argparse
-import datetime
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from mtl_keras import MultiTaskModel, conv_backbone, vgg_filters  # noqa: E402
 from mtl_keras.data import OMNIGLOT_DIR_ENV, load_omniglot  # noqa: E402
-from mtl_keras.distribute import (  # noqa: E402
-    STRATEGIES, backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas,
-)  # noqa: E402
+from mtl_keras.distribute import backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas  # noqa: E402
+from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
+from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
+from mtl_keras.experiments.training import build_model  # noqa: E402
 from mtl_keras.export import export_for_serving  # noqa: E402
+from mtl_keras.plots import plot_task_bars  # noqa: E402
+from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
+from mtl_keras.reporting import write_json  # noqa: E402
 from mtl_keras.sharing import SelectiveSharing  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
-from mtl_keras.weighting import available_weightings  # noqa: E402
-from mtl_keras.plots import plot_task_bars  # noqa: E402
-from mtl_keras.reporting import per_task, text_table, write_json  # noqa: E402
 
-
-# The choice that did best on validation accuracy on all 50 alphabets
-# (docs/RESULTS.md: none 0.847, variance 0.818, similarity 0.774; README,
-# "Selective Sharing").
-SHARING_DEFAULT = "none"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--data-dir", default=None,
+    add_config_arguments(p, preset="omniglot")
+    f = p.add_argument_group("data files")
+    f.add_argument("--data-dir", default=None,
                    help=f"folder with images_background.zip / images_evaluation.zip (or set {OMNIGLOT_DIR_ENV}); "
                         "default: TFDS's manual dir, then ../shared/data/omniglot beside the checkout")
-    d.add_argument("--archives", choices=("full", "small"), default="full",
-                   help="'full' = all 50 alphabets; 'small' = the 8 alphabets of the _small zips (quick checks)")
-    d.add_argument("--tfds-dir", default=None, help="where the prepared TFDS dataset is cached (default ~/tensorflow_datasets)")
-    d.add_argument("--tasks", type=int, default=None, help="use the first K alphabets (default: all)")
-    d.add_argument("--image-size", type=int, default=32)
-    m = p.add_argument_group("model")
-    m.add_argument("--sigma", type=float, default=0.5, help="sharing ratio: 1 = fully shared, 0 = a sub-network per task")
-    m.add_argument("--routing-mode", choices=("partition", "independent"), default="partition")
-    m.add_argument("--width", type=int, default=32, help="filters of the first conv block (doubled per block)")
-    m.add_argument("--depth", type=int, default=4, help="number of conv blocks")
-    m.add_argument("--head-units", type=int, nargs="*", default=[128], help="estimator widths of each task head")
-    m.add_argument("--head-dropout", type=float, default=0.2)
-    m.add_argument("--bn-momentum", type=float, default=0.99,
-                   help="batch norm momentum (0.9 suits runs of a few hundred steps)")
-    m.add_argument("--sharing", choices=("none", "similarity", "variance"), default=SHARING_DEFAULT,
-                   help="Selective Sharing rule that merges task heads during training")
-    m.add_argument("--sharing-epoch", type=int, default=2,
-                   help="epoch at whose end Selective Sharing groups the heads")
-    m.add_argument("--weighting", choices=available_weightings(), default="equal",
-                   help="how task losses (and gradients) are combined")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="XLA-compile the train step")
-    t.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                   help="auto: MultiWorkerMirrored when TF_CONFIG names a cluster, Mirrored with >1 GPU, "
-                        "else one device")
-    t.add_argument("--backup-dir", default=None,
-                   help="BackupAndRestore folder: an interrupted run restarts from its last epoch")
+    f.add_argument("--tfds-dir", default=None,
+                   help="where the prepared TFDS dataset is cached (default ~/tensorflow_datasets)")
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="run folder (default runs/omniglot/<timestamp>)")
     o.add_argument("--export-dir", default=str(ROOT / "saved_models" / "omniglot"),
                    help="SavedModel root for TF Serving; the next integer version is created inside")
     o.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    o.add_argument("--backup-dir", default=None,
+                   help="BackupAndRestore folder: an interrupted run restarts from its last epoch")
     o.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
-    strategy = get_strategy(args.strategy)
+def train_and_export(args, config, strategy, output, started):
+    """Trains, evaluates, saves and exports; returns the report, the folder written to and the tasks."""
     chief = is_chief(strategy)
-    started = time.time()
-    keras.utils.set_random_seed(args.seed)
-    output = Path(args.output or ROOT / "runs" / "omniglot" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    output.mkdir(parents=True, exist_ok=True)
-
     data = load_omniglot(
-        data_dir=args.data_dir, tasks=args.tasks, image_size=args.image_size, batch_size=args.batch_size,
-        tfds_dir=args.tfds_dir, archives=args.archives, seed=args.seed,
+        data_dir=args.data_dir, tasks=config.tasks, image_size=config.image_size, batch_size=config.batch_size,
+        tfds_dir=args.tfds_dir, archives=config.archives, seed=config.seed,
     )
-    tasks = data.tasks
-    print(f"Omniglot: {len(tasks)} alphabets, {data.num_examples} examples, "
-          f"{args.image_size}x{args.image_size} images")
-
-    replicas = strategy.num_replicas_in_sync
-    train = prepare_for_replicas(data.train, args.batch_size, strategy, training=True)
-    validation = prepare_for_replicas(data.validation, args.batch_size, strategy)
-    test = prepare_for_replicas(data.test, args.batch_size, strategy)
+    print(f"Omniglot: {len(data.tasks)} alphabets, {data.num_examples} examples, "
+          f"{config.image_size}x{config.image_size} images")
+    train = prepare_for_replicas(data.train, config.batch_size, strategy, training=True)
+    validation = prepare_for_replicas(data.validation, config.batch_size, strategy)
+    test = prepare_for_replicas(data.test, config.batch_size, strategy)
     with strategy.scope():
-        backbone = conv_backbone(
-            (args.image_size, args.image_size, 1), len(tasks), sigma=args.sigma,
-            filters=vgg_filters(args.width, args.depth), routing_mode=args.routing_mode, seed=args.seed,
-            batch_norm_momentum=args.bn_momentum,
-        )
-        model = MultiTaskModel(backbone, tasks, head_units=args.head_units, head_dropout=args.head_dropout,
-                               weighting=args.weighting, seed=args.seed, name="omniglot_mtl")
-        model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=args.jit_compile)
+        model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl")
     params_before = model.count_params()
-    print(f"{type(strategy).__name__}: {replicas} replica(s) | {params_before:,} parameters | "
-          f"sigma {args.sigma} | weighting {args.weighting} | sharing {args.sharing}")
+    print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) | {params_before:,} parameters | "
+          f"sigma {config.sigma} | weighting {config.weighting} | sharing {config.sharing}")
 
     # Non-chief workers of a multi-worker job log aside; the chief's logs are the run's.
     tensorboard_dir = output / "tensorboard" if chief else Path(tempfile.mkdtemp(prefix="mtl_worker_tb_"))
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)),
-        MultiTaskTensorBoard(str(tensorboard_dir), config=vars(args)),
+        MultiTaskTensorBoard(str(tensorboard_dir), config={k: v for k, v in vars(args).items() if k != "_preset"}),
         CompactProgbar(),
     ]
     # Each worker backs up into its own folder; Selective Sharing's record of
     # merges goes beside that worker's BackupAndRestore state.
     backup_dir = backup_dir_for_worker(args.backup_dir, strategy) if args.backup_dir else None
     sharing = None
-    if args.sharing != "none":
+    if config.sharing != "none":
         sharing = SelectiveSharing(
-            args.sharing, start_epoch=min(args.sharing_epoch, args.epochs), log_dir=str(tensorboard_dir),
-            plot_dir=str(output), backup_dir=backup_dir, seed=args.seed, verbose=int(args.verbose > 0),
+            config.sharing, start_epoch=min(config.sharing_epoch, config.epochs), log_dir=str(tensorboard_dir),
+            plot_dir=str(output), backup_dir=backup_dir, seed=config.seed, verbose=int(args.verbose > 0),
         )
         callbacks.insert(0, sharing)
     if backup_dir:
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
-    history = model.fit(train, validation_data=validation, epochs=args.epochs,
+    history = model.fit(train, validation_data=validation, epochs=config.epochs,
                         callbacks=callbacks, verbose=args.verbose, shuffle=False)
     train_seconds = time.time() - started
     test_logs = model.evaluate(test, return_dict=True, verbose=0)
     if not chief:
         # Multi-worker: every worker trained the same weights; only the chief writes.
-        output = output / f"worker_{strategy.cluster_resolver.task_id}"
-        output.mkdir(parents=True, exist_ok=True)
+        output = run_directory("omniglot", output / f"worker_{strategy.cluster_resolver.task_id}")
     model_path = output / "model.keras"
     model.save(model_path)
     export_path = None
     if not args.no_export and chief:
         export_path = export_for_serving(model, args.export_dir)
         print(f"SavedModel for TF Serving: {export_path}")
-    wall = time.time() - started
+    report = training_report(
+        "train_omniglot", config, model, test_logs, history, strategy=strategy, parameters_at_start=params_before,
+        sharing=sharing.report() if sharing is not None else None, num_examples=data.num_examples,
+        train_seconds=train_seconds, wall_seconds=time.time() - started, export_path=export_path,
+        model_path=model_path,
+    )
+    return report, output, data.tasks
 
-    accuracy = per_task(test_logs, tasks, "accuracy")
-    chance = {t.name: 1.0 / t.num_outputs for t in tasks}
-    report = {
-        "app": "train_omniglot",
-        "tasks": len(tasks),
-        "sigma": args.sigma,
-        "weighting": args.weighting,
-        "sharing": sharing.report() if sharing is not None else None,
-        "strategy": type(strategy).__name__,
-        "replicas": replicas,
-        "routing_mode": args.routing_mode,
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-        "width": args.width,
-        "depth": args.depth,
-        "parameters": model.count_params(),
-        "parameters_at_start": params_before,
-        "head_parameters": model.head_parameter_count(),
-        "mean_test_accuracy": test_logs["mean_accuracy"],
-        "test_loss": test_logs["loss"],
-        "test_accuracy": accuracy,
-        "chance_accuracy": chance,
-        "final_val_mean_accuracy": history.history.get("val_mean_accuracy", [None])[-1],
-        "wall_time_seconds": round(wall, 1),
-        "train_seconds": round(train_seconds, 1),
-        "num_examples": data.num_examples,
-        "export_path": str(export_path) if export_path else None,
-        "model_path": str(model_path),
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-    }
-    plot_task_bars(accuracy, output / "accuracy.png",
-                   title=f"Omniglot per-alphabet test accuracy (sigma={args.sigma}, mean {report['mean_test_accuracy']:.3f})",
-                   reference=chance, reference_label="chance")
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = config_from_args(args)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+    strategy = get_strategy(config.strategy)
+    started = time.time()
+    keras.utils.set_random_seed(config.seed)
+    with RunProvenance(argv, __file__) as provenance:
+        report, output, tasks = train_and_export(args, config, strategy, run_directory("omniglot", args.output),
+                                                 started)
+    report.update(command=provenance.record["command"], provenance=provenance.record)
+    plot_task_bars(report["test_accuracy"], output / "accuracy.png",
+                   title=f"Omniglot per-alphabet test accuracy (sigma={config.sigma}, "
+                         f"mean {report['mean_test_accuracy']:.3f})",
+                   reference=report["chance_accuracy"], reference_label="chance")
     write_json(output / "report.json", report)
 
-    rows = [[name, tasks[name].num_outputs, accuracy[name], chance[name]] for name in sorted(accuracy)]
     print()
-    print(text_table(rows, ["alphabet", "classes", "test acc", "chance"]))
+    print(task_table(report, tasks, task_label="alphabet"))
     print(f"\nmean test accuracy {report['mean_test_accuracy']:.4f} over {len(tasks)} alphabets | "
-          f"parameters {report['parameters']:,} | sigma {args.sigma} | seed {args.seed} | {wall:.0f} s")
+          f"parameters {report['parameters']:,} | sigma {config.sigma} | seed {config.seed} | "
+          f"{report['wall_time_seconds']:.0f} s")
     print(f"report: {output / 'report.json'}")
     return report
 

@@ -1,10 +1,36 @@
-"""Matplotlib figures written by the apps (headless: the Agg backend)."""
+"""Matplotlib figures written by the apps (headless: the Agg backend).
+
+`pyplot()` is the one place the library picks matplotlib's backend: every
+figure module gets `matplotlib.pyplot` through it.
+"""
+
+import functools
 
 import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+@functools.cache
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend (selected on the first call only).
+
+    The figures are files written by training runs, often on machines without
+    a display, where an interactive backend fails or opens windows. Selecting
+    it once leaves a backend the caller picks afterwards alone.
+
+    Example:
+
+    >>> plt = pyplot()
+    >>> fig, ax = plt.subplots()
+    """
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+# apps/compare_methods.py imports this module for the headless backend alone.
+pyplot()
 
 
 def plot_task_bars(values, path, title, ylabel="test accuracy", reference=None, reference_label=None):
@@ -22,6 +48,7 @@ def plot_task_bars(values, path, title, ylabel="test accuracy", reference=None, 
     Returns:
         `path`.
     """
+    plt = pyplot()
     names = sorted(values, key=values.get)
     vals = np.array([values[n] for n in names], dtype=float)
     height = max(3.0, 0.22 * len(names) + 1.2)

@@ -93,7 +93,9 @@ PRESETS = {
     "omniglot_comparison": _MAIN.replace(bn_momentum=0.9),
     # KerasTuner trials: short (4 epochs of batch 64), so batch norm needs
     # the faster momentum; one device, as KerasTuner runs trials one by one.
-    "omniglot_tuning": _MAIN.replace(bn_momentum=0.9, batch_size=64, epochs=4, strategy="default"),
+    # No head dropout: the searches so far ran without it, and a trial's
+    # score is only comparable with trials of the same model.
+    "omniglot_tuning": _MAIN.replace(bn_momentum=0.9, batch_size=64, epochs=4, strategy="default", head_dropout=0.0),
 }
 
 
@@ -145,7 +147,8 @@ def add_config_arguments(parser, preset="omniglot", groups=("data", "model", "tr
         section = sections[meta["group"]]
         name = "--" + f.name.replace("_", "-")
         default = getattr(config, f.name)
-        help_text = f"{meta['help']} (default: {default})"
+        # A help that words its own default ("default: all") keeps it.
+        help_text = meta["help"] if "default" in meta["help"] else f"{meta['help']} (default: {default})"
         kind = _field_type(f)
         if kind is bool:
             section.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text)

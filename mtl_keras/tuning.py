@@ -31,7 +31,9 @@ import keras
 import keras_tuner
 import numpy as np
 
+from mtl_keras.backbones import routing_layers
 from mtl_keras.model import MultiTaskModel
+from mtl_keras.reporting import text_table
 from mtl_keras.tasks import TaskSet
 
 OBJECTIVE_NAME = "val_mean_accuracy"
@@ -227,7 +229,7 @@ def trials_table(tuner):
     return rows
 
 
-def check_best_model(tuner, validation_data):
+def check_best_model(tuner, validation_data, strict=False):
     """Reloads the best trial's model and checks it scores what the trial scored.
 
     `get_best_models` rebuilds the architecture (fresh routing masks, if the
@@ -238,6 +240,13 @@ def check_best_model(tuner, validation_data):
     scores the trial by the mean of the executions' best epochs but keeps
     the single best epoch of all executions, so the reload must score at
     least the trial's score.
+
+    Args:
+        tuner: a tuner after its search.
+        validation_data: the search's validation data.
+        strict: raise a `RuntimeError` when the reload does not match,
+            instead of reporting it (a search whose best model cannot be
+            restored has nothing to hand on).
 
     Returns:
         `(model, {"trial_id", "trial_score", "reloaded_score", "check",
@@ -252,6 +261,11 @@ def check_best_model(tuner, validation_data):
         check, match = "at_least", reloaded >= trial_score - 1e-6
     else:
         check, match = "equal", bool(np.isclose(reloaded, trial_score, rtol=1e-5, atol=1e-6))
+    if strict and not match:
+        raise RuntimeError(
+            f"The reloaded best model scores {reloaded:.6f} on validation, but its trial scored {trial_score:.6f} "
+            f"(expected {check.replace('_', ' ')}): the checkpoint did not restore the trained model."
+        )
     return model, {
         "trial_id": best_trial.trial_id,
         "trial_score": trial_score,
@@ -259,6 +273,40 @@ def check_best_model(tuner, validation_data):
         "check": check,
         "match": bool(match),
     }
+
+
+def check_saved_model(model, path, probe):
+    """Saves `model` as a `.keras` file, loads it back and checks it routes and predicts as before.
+
+    Args:
+        model: a trained `MultiTaskModel` (e.g. `check_best_model`'s).
+        path: the `.keras` file to write.
+        probe: a batch of inputs to compare predictions on.
+
+    Returns:
+        `{"keras_file_same_masks", "keras_file_same_outputs"}` (bools): the
+        reloaded model's routing masks equal the model's, and its
+        predictions on `probe` agree to 1e-5.
+    """
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    before, after = routing_layers(model.backbone), routing_layers(reloaded.backbone)
+    same_masks = len(before) == len(after) and all(np.array_equal(a.masks, b.masks) for a, b in zip(before, after))
+    same_outputs = bool(np.allclose(model.predict(probe, verbose=0), reloaded.predict(probe, verbose=0), atol=1e-5))
+    return {"keras_file_same_masks": bool(same_masks), "keras_file_same_outputs": same_outputs}
+
+
+def trials_text_table(trials, width=None):
+    """A terminal table of `trials_table`'s rows: id, sigma, width, learning rate, objective.
+
+    `width` fills the column of trials that did not search it.
+    """
+    rows = []
+    for t in trials:
+        hp = t["hyperparameters"]
+        rows.append([t["trial_id"], f"{hp['sigma']:.3f}", hp.get("width", width), f"{hp['learning_rate']:.2e}",
+                     "-" if t["score"] is None else f"{t['score']:.4f}"])
+    return text_table(rows, ["trial", "sigma", "width", "learning rate", OBJECTIVE_NAME])
 
 
 def plot_objective(trials, path, hyperparameter="sigma", title=None):
@@ -273,11 +321,11 @@ def plot_objective(trials, path, hyperparameter="sigma", title=None):
     Returns:
         `path`.
     """
-    import matplotlib
+    import matplotlib.colors
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mtl_keras.plots import pyplot
 
+    plt = pyplot()
     done = [t for t in trials if t["score"] is not None and hyperparameter in t["hyperparameters"]]
     if not done:
         raise ValueError(f"No finished trial has a score and a {hyperparameter!r} value to plot.")

@@ -1,6 +1,7 @@
 """KerasTuner over sigma: the hypermodel, a real search, resuming, and the best model's reload."""
 
 import json
+import types
 
 import keras
 import keras_tuner
@@ -8,16 +9,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from app_loading import load_app, small_omniglot_dir
-from mtl_keras import Task, TaskSet, conv_backbone
+from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
 from mtl_keras.backbones import routing_layers
 from mtl_keras.tuning import (
     OBJECTIVE_NAME,
     SigmaHyperModel,
     check_best_model,
+    check_saved_model,
     make_tuner,
     plot_objective,
     trials_table,
+    trials_text_table,
 )
 
 TASKS = TaskSet([Task("a", "multiclass", 3), Task("b", "multiclass", 4), Task("c", "binary", 1)])
@@ -108,7 +110,7 @@ def test_search_resume_and_best_model_routes_as_trained(tmp_path):
 
     # The best model comes back with its trained masks and weights, though
     # the rebuild drew new masks: same score, same predictions as recorded.
-    model, check = check_best_model(tuner, val)
+    model, check = check_best_model(tuner, val, strict=True)
     assert check["match"], check
     best = tuner.oracle.get_best_trials(1)[0]
     recorded = [
@@ -127,34 +129,55 @@ def test_search_resume_and_best_model_routes_as_trained(tmp_path):
     assert path.stat().st_size > 1000
     json.dumps(rows)  # the table is JSON-serialisable as it is
 
+    # Saved as a .keras file and loaded back, it routes and predicts the same.
+    saved = check_saved_model(model, tmp_path / "best.keras", PROBE)
+    assert saved == {"keras_file_same_masks": True, "keras_file_same_outputs": True}
+    table = trials_text_table(rows).splitlines()
+    assert table[0].split() == ["trial", "sigma", "width", "learning", "rate", OBJECTIVE_NAME]
+    assert len(table) == 2 + len(rows) and rows[0]["trial_id"] in table[2]
+
+
+def test_saved_model_check_sees_other_masks_and_outputs(tmp_path, monkeypatch):
+    def tiny(seed):
+        keras.utils.set_random_seed(seed)
+        model = MultiTaskModel(conv_backbone((8, 8, 1), len(TASKS), sigma=0.5, filters=(4, 8), seed=seed), TASKS,
+                               head_units=(4,), seed=seed)
+        model.compile()
+        return model
+
+    model, other = tiny(1), tiny(2)
+    assert not np.array_equal(routing_layers(model.backbone)[0].masks, routing_layers(other.backbone)[0].masks)
+    # A file that came back as another model: the check must say so.
+    monkeypatch.setattr(keras.models, "load_model", lambda path: other)
+    check = check_saved_model(model, tmp_path / "m.keras", PROBE)
+    assert check == {"keras_file_same_masks": False, "keras_file_same_outputs": False}
+
+
+def test_trials_table_text_fills_unsearched_width_and_missing_scores():
+    rows = [{"trial_id": "07", "hyperparameters": {"sigma": 0.25, "learning_rate": 2e-3}, "score": 0.5},
+            {"trial_id": "08", "hyperparameters": {"sigma": 0.5, "learning_rate": 1e-3, "width": 16}, "score": None}]
+    lines = trials_text_table(rows, width=32).splitlines()
+    assert lines[2].split() == ["07", "0.250", "32", "2.00e-03", "0.5000"]
+    assert lines[3].split() == ["08", "0.500", "16", "1.00e-03", "-"]
+
+
+def test_strict_check_refuses_a_best_model_that_does_not_reproduce_its_trial():
+    class Reloaded:
+        def evaluate(self, data, return_dict, verbose):
+            return {"mean_accuracy": 0.25}
+
+    trial = types.SimpleNamespace(trial_id="3", score=0.5)
+    tuner = types.SimpleNamespace(oracle=types.SimpleNamespace(get_best_trials=lambda n: [trial]),
+                                  get_best_models=lambda n: [Reloaded()], executions_per_trial=1)
+    _, check = check_best_model(tuner, None)
+    assert check == {"trial_id": "3", "trial_score": 0.5, "reloaded_score": 0.25, "check": "equal", "match": False}
+    with pytest.raises(RuntimeError, match=r"scores 0\.250000 on validation, but its trial scored 0\.500000"):
+        check_best_model(tuner, None, strict=True)
+    tuner.executions_per_trial = 2
+    trial.score = 0.2
+    assert check_best_model(tuner, None, strict=True)[1]["check"] == "at_least"
+
 
 def test_plot_needs_scored_trials(tmp_path):
     with pytest.raises(ValueError, match="No finished trial"):
         plot_objective([{"score": None, "hyperparameters": {"sigma": 0.5}}], tmp_path / "x.png")
-
-
-@pytest.mark.slow
-def test_tune_sigma_app_on_real_archives_resumes_and_reports(tmp_path):
-    data_dir = small_omniglot_dir()
-    app = load_app("tune_sigma")
-    argv = [
-        "--data-dir", str(data_dir), "--archives", "small", "--tfds-dir", str(tmp_path / "tfds"),
-        "--tasks", "2", "--image-size", "16", "--width", "8", "--depth", "2", "--head-units", "16",
-        "--tuner", "random", "--epochs", "1", "--output", str(tmp_path / "run"),
-    ]
-    first = app.main(argv + ["--trials", "2"])
-    assert len(first["trials"]) == 2
-    report = app.main(argv + ["--trials", "3"])  # resumes: one more trial
-    on_disk = json.loads((tmp_path / "run" / "tuning.json").read_text())
-    assert len(on_disk["trials"]) == 3
-    assert {t["trial_id"] for t in first["trials"]} <= {t["trial_id"] for t in on_disk["trials"]}
-    assert on_disk["objective"] == OBJECTIVE_NAME and on_disk["tasks"] == 2
-    best = max(t["score"] for t in on_disk["trials"])
-    assert on_disk["best_val_mean_accuracy"] == best
-    assert on_disk["best_hyperparameters"] == on_disk["trials"][0]["hyperparameters"]
-    check = on_disk["reload_check"]
-    assert check["match"] and check["keras_file_same_masks"] and check["keras_file_same_outputs"]
-    assert set(on_disk["test_accuracy"]) == {"Balinese", "Early_Aramaic"}
-    assert (tmp_path / "run" / "objective_vs_sigma.png").stat().st_size > 1000
-    assert (tmp_path / "run" / "best_model.keras").exists()
-    assert report["best_model_path"] == str(tmp_path / "run" / "best_model.keras")

@@ -18,6 +18,23 @@ def build_backbone(config, input_shape, num_tasks, sigma=None, seed=None):
     )
 
 
+def backbone_builder(config, input_shape, num_tasks):
+    """`build(sigma, seed, width=config.width)`: `build_backbone` of `config` for one trial of a search.
+
+    The builder `mtl_keras.tuning.SigmaHyperModel` calls with each trial's
+    sigma (and width, when widths are searched); everything else, batch-norm
+    momentum included, is `config`'s.
+
+    Example:
+
+    >>> hypermodel = SigmaHyperModel(backbone_builder(config, (32, 32, 1), len(tasks)), tasks, widths=(16, 32))
+    """
+    def build(sigma, seed, width=config.width):
+        return build_backbone(config.replace(width=width), input_shape, num_tasks, sigma=sigma, seed=seed)
+
+    return build
+
+
 def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=None, name=None):
     """A compiled `MultiTaskModel` (Adam at `config.lr`) on `build_backbone`'s trunk.
 

@@ -2,11 +2,9 @@
 
 import io
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mtl_keras.plots import pyplot
 
 
 def plot_affinity(affinity, labels, path=None, title="Task affinity (cosine of gradient features)", groups=None):
@@ -26,6 +24,7 @@ def plot_affinity(affinity, labels, path=None, title="Task affinity (cosine of g
     from scipy.cluster.hierarchy import dendrogram, linkage
     from scipy.spatial.distance import squareform
 
+    plt = pyplot()
     a = np.asarray(affinity, dtype=np.float64)
     n = len(a)
     size = min(16.0, max(5.0, 0.22 * n + 3.0))

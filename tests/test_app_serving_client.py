@@ -1,5 +1,9 @@
 """apps/serving_client.py against a stand-in TF Serving REST server (test-only).
 
+The client's logic stays in the app: it runs on numpy and Pillow alone (no
+TensorFlow, as the README promises), and anything under `mtl_keras` imports
+TensorFlow with the package. So its functions are tested here, with the app.
+
 The stand-in implements TF Serving's two REST endpoints the client uses,
 `GET /v1/models/<name>/metadata` and `POST /v1/models/<name>:predict`
 (row and columnar formats, `{"error": ...}` replies with HTTP 400), by
@@ -9,6 +13,8 @@ calling the SavedModel written by `export_for_serving`, loaded with plain
 
 import json
 import re
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,11 +23,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from app_loading import load_app
+from apps import serving_client as client
 from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
 from mtl_keras.export import export_for_serving, reference_predictions
-
-client = load_app("serving_client")
 
 MODEL = "omniglot"
 _DTYPES = {tf.float32: "DT_FLOAT", tf.int32: "DT_INT32", tf.int64: "DT_INT64"}
@@ -193,3 +197,12 @@ def test_requests_the_model_cannot_answer_are_clear_errors(served, capsys):
         client.run(client.parse_args(["--url", served["url"], "--model", "nope", served["paths"][0]]))
     with pytest.raises(client.ServingError, match="Cannot reach"):
         client.run(client.parse_args(["--url", "http://127.0.0.1:9", "--timeout", "5", served["paths"][0]]))
+
+
+def test_client_runs_without_tensorflow():
+    app = client.__file__
+    res = subprocess.run([sys.executable, "-X", "importtime", app, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "TF Serving" in res.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
+    assert {"numpy", "PIL"} <= imported and not imported & {"tensorflow", "keras", "mtl_keras"}
