@@ -4,8 +4,8 @@ import csv
 import json
 from pathlib import Path
 
-from app_loading import small_omniglot_dir
 from apps import compare_methods
+from mtl_keras.data import omniglot
 from mtl_keras.experiments.comparison import SingleTaskBudget, budget_text, load_reused_runs
 from mtl_keras.presets import config_from_args
 
@@ -25,7 +25,8 @@ def test_default_flags_are_the_budget_of_docs_results():
 
 def test_smoke(tmp_path):
     result = compare_methods.main([
-        "--data-dir", str(small_omniglot_dir()), "--archives", "small", "--tfds-dir", str(tmp_path / "tfds"),
+        "--data-dir", str(omniglot.find_omniglot_dir(archives="small")), "--archives", "small",
+        "--tfds-dir", str(tmp_path / "tfds"),
         "--tasks", "2", "--epochs", "1", "--image-size", "12", "--width", "4", "--depth", "2", "--head-units", "8",
         "--batch-size", "64", "--stl-epochs", "1", "--stl-batch-size", "64", "--cache-dir", str(tmp_path / "cache"),
         "--configs", "tr0.5", "--output", str(tmp_path / "out"), "--verbose", "0",

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_loading import small_omniglot_dir
 from mtl_keras import Task, TaskSet
-from mtl_keras.data import load_omniglot
+from mtl_keras.data import load_omniglot, omniglot
 from mtl_keras.experiments import comparison
 from mtl_keras.experiments.comparison import (
     DEFAULT_CONFIGS,
@@ -27,6 +26,8 @@ from mtl_keras.experiments.provenance import RunProvenance
 from mtl_keras.presets import get_preset
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+# The runs below need the small Omniglot archives; without them find_omniglot_dir
+# fails (it does not skip) and says where to put them.
 
 
 def test_parse_config_grammar():
@@ -151,7 +152,7 @@ STL = SingleTaskBudget(epochs=2, batch_size=64)
 
 def run_small(tmp, names, output, config=CONFIG, **kwargs):
     """A comparison on 3 small alphabets, as apps/compare_methods.py runs it."""
-    data_dir = small_omniglot_dir()
+    data_dir = omniglot.find_omniglot_dir(archives="small")
     argv = ["--configs", names, "--output", str(tmp / output)]
 
     def load_data(seed):
@@ -253,8 +254,8 @@ def test_stl_early_stopping_is_part_of_the_cache_key(runs, monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(comparison, "train_single_task_models", fake_train)
-    data = load_omniglot(data_dir=small_omniglot_dir(), tasks=3, image_size=12, batch_size=64,
-                         tfds_dir=tmp / "tfds", archives="small", seed=0)
+    data = load_omniglot(data_dir=omniglot.find_omniglot_dir(archives="small"), tasks=3, image_size=12,
+                         batch_size=64, tfds_dir=tmp / "tfds", archives="small", seed=0)
     with pytest.raises(RuntimeError, match="stop here"):
         comparison.run_stl(data, CONFIG, 0, STL, tmp / "cache", {"data": "omniglot", "archives": "small"}, verbose=0)
     assert seen["cache_config"] == {
