@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mtl_keras.model import MultiTaskModel
@@ -400,11 +399,3 @@ def train_single_task_models(
         del model, history
         gc.collect()  # 50 models' traced steps would otherwise pile up
     return SingleTaskResults(**results)
-
-
-def summarize(values):
-    """`(mean, std)` of a list of numbers (std with ddof=0; 0 for one value)."""
-    a = np.asarray(list(values), dtype=float)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std())

@@ -21,7 +21,6 @@ import shlex
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -112,15 +111,15 @@ def _own_process_tree():
 
 
 def machine_description():
-    """One line: CPU, cores, Python and the installed TensorFlow / Keras versions."""
-    versions = []
-    for package in ("tensorflow", "keras"):
-        try:
-            versions.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pass
+    """One line: CPU, cores, GPUs, Python, TensorFlow and Keras, as the documented reports print it."""
+    # Imported here: recording the commit, command and load needs no TensorFlow.
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
-            f"Python {platform.python_version()}, " + ", ".join(versions))
+            f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}")
 
 
 class RunProvenance:

@@ -35,7 +35,7 @@ def backbone_builder(config, input_shape, num_tasks):
     return build
 
 
-def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=None, name=None):
+def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=None, name=None, tasks_per_step=1):
     """A compiled `MultiTaskModel` (Adam at `config.lr`) on `build_backbone`'s trunk.
 
     Call it inside `strategy.scope()` to train under a distribution strategy.
@@ -49,6 +49,8 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
         seed: overrides `config.seed` (weights are seeded by the caller with
             `keras.utils.set_random_seed`; this seeds masks and task sampling).
         name: the model's name.
+        tasks_per_step: tasks each example is routed through per step, on
+            data labelled for several tasks (`MultiTaskModel`'s argument).
 
     Returns:
         The compiled model.
@@ -62,7 +64,8 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
     backbone = build_backbone(config, input_shape, len(tasks), sigma=sigma, seed=seed)
     model = MultiTaskModel(
         backbone, tasks, head_units=config.head_units, head_dropout=config.head_dropout,
-        weighting=config.weighting if weighting is None else weighting, seed=seed, name=name,
+        weighting=config.weighting if weighting is None else weighting, tasks_per_step=tasks_per_step,
+        seed=seed, name=name,
     )
     model.compile(optimizer=keras.optimizers.Adam(config.lr), jit_compile=config.jit_compile)
     return model

@@ -1,16 +1,35 @@
-"""apps/benchmark.py: ratios, targets and tables; a tiny smoke run in subprocesses."""
+"""mtl_keras.experiments.benchmarking and benchmark_report: plan, ratios, targets, tables; cases in subprocesses."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from app_loading import load_app
+from mtl_keras.experiments import benchmarking
+from mtl_keras.experiments.benchmark_report import markdown, text_report, write_report
+from mtl_keras.experiments.benchmarking import (
+    PRECISIONS,
+    add_ratios,
+    case_spec,
+    fastest_variant,
+    plan,
+    resolve_settings,
+    run_benchmark,
+    run_cases,
+    sharing_spec,
+    sharing_targets,
+    targets,
+    worker_main,
+)
+from mtl_keras.experiments.provenance import RunProvenance, describe
+from mtl_keras.presets import get_preset
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+TINY_MODEL = get_preset("omniglot").replace(batch_size=8, image_size=8, width=4, depth=1, head_units=(4,))
 
 
-app = load_app("benchmark")
-
-TINY = ["--batch-size", "8", "--image-size", "8", "--width", "4", "--depth", "1", "--head-units", "4",
-        "--classes", "3", "--steps", "2", "--warmup", "1"]
+def tiny(**kwargs):
+    return resolve_settings(TINY_MODEL, classes=3, steps=2, warmup=1, **kwargs)
 
 
 def _fake(case, t, step, precision="float32", jit=False, ok=True):
@@ -24,6 +43,12 @@ def _fake(case, t, step, precision="float32", jit=False, ok=True):
     return r
 
 
+FAKE_PROVENANCE = {"command": "python apps/benchmark.py", "git_commit": "0123456789abcdef" * 2 + "01234567",
+                   "git_dirty": False, "load_average_before": [1.3, 1.5, 1.6], "load_average_after": [0.2, 0.4, 0.5],
+                   "other_processes_cpu_seconds": 12.5, "wall_seconds": 100.0,
+                   "heavy_processes": [{"pid": 7, "name": "pytest", "cpu_seconds": 40.0}], "quiet": False}
+
+
 def test_ratios_targets_and_fastest_variant():
     results = [
         _fake("plain", 10, 0.100), _fake("routing", 10, 0.104), _fake("plain_k", 10, 0.200),
@@ -31,7 +56,7 @@ def test_ratios_targets_and_fastest_variant():
         _fake("routing", 312, 0.220), _fake("w:pcgrad", 50, 0.440), _fake("w:gradnorm", 312, 0, ok=False),
         _fake("plain", 50, 0.055, "float32", True), _fake("routing", 50, 0.264, "mixed_float16"),
     ]
-    app.add_ratios(results)
+    add_ratios(results)
     by = {(r["case"], r["num_tasks"], r["precision"], r["jit_compile"]): r for r in results}
     assert by[("plain", 10, "float32", False)]["ratio_vs_reference"] == 1.0
     assert by[("routing", 50, "float32", False)]["ratio_vs_plain"] == pytest.approx(1.2)
@@ -41,29 +66,29 @@ def test_ratios_targets_and_fastest_variant():
     assert by[("plain", 50, "float32", True)]["ratio_vs_float32"] == pytest.approx(0.5)
     assert "ratio_vs_plain" not in by[("w:gradnorm", 312, "float32", False)]
 
-    targets = app.targets(results)
-    assert targets["routing_overhead_T50"]["value"] == pytest.approx(0.2)
-    assert targets["routing_overhead_T50"]["met"] is False
-    assert targets["routing_step_T312_over_T10"]["value"] == pytest.approx(0.220 / 0.104)
-    assert targets["routing_step_T312_over_T10"]["met"] is False
+    found = targets(results)
+    assert found["routing_overhead_T50"]["value"] == pytest.approx(0.2)
+    assert found["routing_overhead_T50"]["met"] is False
+    assert found["routing_step_T312_over_T10"]["value"] == pytest.approx(0.220 / 0.104)
+    assert found["routing_step_T312_over_T10"]["met"] is False
 
-    fastest = app.fastest_variant(results)
+    fastest = fastest_variant(results)
     assert fastest["plain"]["fastest"] == "float32 +XLA" and fastest["plain"]["speedup_vs_float32"] == pytest.approx(2.0)
     assert fastest["routing"]["fastest"] == "float32"
 
+    # The `overhead` key of reports written before several overhead task counts could be asked for.
     sharing = {"ok": True, "overhead": {"num_tasks": 50, "slowdown": 0.03, "steps_per_second_on": 9.0,
                                         "rounds_on": [9.0, 9.1]},
                "collection_vs_naive_T10": {"num_tasks": 10, "naive_over_one_pass": 4.0},
                "collection_vs_naive_T50": {"num_tasks": 50, "naive_over_one_pass": 8.0}}
-    shared = app.sharing_targets(sharing)
+    shared = sharing_targets(sharing)
     assert shared["sharing_slowdown_T50"]["met"] is True
     assert shared["collection_naive_over_one_pass_T50"]["met"] is False
     assert shared["collection_naive_over_one_pass_T10"]["met"] is None
-    targets.update(shared)
-    report = {"command": "python apps/benchmark.py", "machine": "test box", "load_at_start": [0.1],
-              "load_at_end": [0.2], "setup": "tiny", "results": results, "targets": targets,
-              "fastest": fastest, "sharing": sharing}
-    md = app.markdown(report)
+    found.update(shared)
+    report = {"command": "python apps/benchmark.py", "machine": "test box", "setup": "tiny", "results": results,
+              "targets": found, "fastest": fastest, "sharing": sharing, "provenance": FAKE_PROVENANCE}
+    md = markdown(report)
     assert "| routing_overhead_T50 | +20.0% | <= 10% | NO |" in md
     assert "| routing_k (k=4) | 10 | float32 | 500 | 256 | 2.500 | 5.000 | 900 | 100 | 1,000 |" in md
     assert "| w:gradnorm | 312 | float32 | failed | killed: timeout after 5 s |" in md
@@ -71,15 +96,29 @@ def test_ratios_targets_and_fastest_variant():
     assert "- overhead: num_tasks = 50, slowdown = 0.03, steps_per_second_on = 9" in md
     assert "| sharing_slowdown_T50 | +3.0% | <= 5% | yes |" in md
     assert "| collection_naive_over_one_pass_T50 | 8.00x | >= 10x | NO |" in md
-    text = app.text_report(report)
+    # What the machine was doing, from the record, instead of a claim of quiet.
+    assert f"Provenance: {describe(FAKE_PROVENANCE)}." in md
+    assert "load average 1.3 before, 0.2 after" in md and "beside it ran pytest (40.0 CPU s)" in md
+    text = text_report(report)
     assert "target routing_overhead_T50: +20.0% (target <= 10%): NOT met" in text
+    assert f"provenance: {describe(FAKE_PROVENANCE)}" in text
+
+    by_t = sharing_targets({"ok": True, "overhead_T10": {"num_tasks": 10, "slowdown": 0.5},
+                            "overhead_T50": {"num_tasks": 50, "slowdown": 0.07}})
+    assert by_t["sharing_slowdown_T10"]["met"] is None and by_t["sharing_slowdown_T50"]["met"] is False
+    assert sharing_targets({"ok": False, "error": "killed"}) == {} and sharing_targets(None) == {}
+
+
+def test_the_committed_report_still_gives_its_targets():
+    saved = json.loads((DOCS / "benchmarks" / "benchmark.json").read_text())
+    assert {**targets(saved["results"]), **sharing_targets(saved["sharing"])} == saved["targets"]
 
 
 def test_plan_covers_every_registered_weighting_and_the_variants():
     from mtl_keras.weighting import available_weightings
 
-    args = app.parse_args(["--num-tasks", "10", "50"])
-    specs = app.plan(args)
+    settings = resolve_settings(get_preset("omniglot"), num_tasks=[10, 50])
+    specs = plan(settings)
     grid = {(s["case"], s["num_tasks"]) for s in specs if s["precision"] == "float32" and not s["jit_compile"]}
     for t in (10, 50):
         for case in ["plain", "routing", "plain_k", "routing_k"] + [
@@ -88,28 +127,42 @@ def test_plan_covers_every_registered_weighting_and_the_variants():
             assert (case, t) in grid
     variants = [(s["case"], s["precision"], s["jit_compile"]) for s in specs if (s["case"], s["num_tasks"]) in grid
                 and (s["precision"] != "float32" or s["jit_compile"])]
-    assert len(variants) == 2 * (len(app.PRECISIONS) * 2 - 1)
+    assert len(variants) == 2 * (len(PRECISIONS) * 2 - 1)
     routing_k = next(s for s in specs if s["case"] == "routing_k")
     assert routing_k["data"] == "multi" and routing_k["tasks_per_step"] == 4 and routing_k["sigma"] == 0.5
     assert next(s for s in specs if s["case"] == "plain")["sigma"] == 1.0
-    quick = app.parse_args(["--quick"])
+    # The documented run's model: 32x32 images, batch 128, VGG width 32 depth 4, 128-unit heads, 20 classes.
+    assert {k: routing_k[k] for k in ("image_size", "batch_size", "width", "depth", "head_units", "classes")} == \
+        {"image_size": 32, "batch_size": 128, "width": 32, "depth": 4, "head_units": [128], "classes": 20}
+    assert resolve_settings(get_preset("omniglot")).num_tasks == [10, 50, 100, 312]
+    quick = resolve_settings(get_preset("omniglot"), quick=True)
     assert quick.num_tasks == [10, 50] and quick.steps == 3 and quick.variants is False
-    with pytest.raises(SystemExit, match="Unknown case"):
-        app.plan(app.parse_args(["--cases", "plain,fast"]))
+    with pytest.raises(ValueError, match="Unknown case"):
+        plan(resolve_settings(get_preset("omniglot"), cases=["plain", "fast"]))
+    # Selective Sharing: overhead at 50 (or the largest T), collection at 10 and 50 where run.
+    spec = sharing_spec(settings)
+    assert (spec["overhead_tasks"], spec["collection_tasks"]) == ([50], [10, 50])
+    spec = sharing_spec(resolve_settings(get_preset("omniglot"), num_tasks=[3, 7]))
+    assert (spec["overhead_tasks"], spec["collection_tasks"]) == ([7], [3])
+    only = resolve_settings(get_preset("omniglot"), sharing_only=True, sharing_tasks=[10, 50])
+    assert plan(only) == [] and (sharing_spec(only)["overhead_tasks"], sharing_spec(only)["collection_tasks"]) == \
+        ([10, 50], [10, 50])
 
 
 def test_worker_reports_errors_instead_of_crashing(capsys):
-    args = app.parse_args(TINY + ["--num-tasks", "2"])
-    spec = app.case_spec(args, "w:no_such_weighting", 2)
-    app.worker_main(json.dumps(spec))
+    spec = case_spec(tiny(num_tasks=[2]), "w:no_such_weighting", 2)
+    worker_main(json.dumps(spec))
     line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(line[len("BENCHMARK_RESULT "):])
     assert result["ok"] is False and "Unknown weighting 'no_such_weighting'" in result["error"]
 
 
-def test_smoke_run_in_subprocesses_writes_json_and_markdown(tmp_path):
-    report = app.main(TINY + ["--num-tasks", "3", "--cases", "plain,routing,plain_k,routing_k", "-k", "2",
-                              "--no-variants", "--no-sharing", "--output", str(tmp_path)])
+def test_cases_run_in_subprocesses_and_the_report_is_written(tmp_path):
+    settings = tiny(num_tasks=[3], cases=["plain", "routing", "plain_k", "routing_k"], k=2, variants=False,
+                    sharing=False)
+    argv = ["--num-tasks", "3", "--cases", "plain,routing,plain_k,routing_k", "-k", "2"]
+    report = run_benchmark(settings, RunProvenance(argv, program="apps/benchmark.py"), log=lambda line: None)
+    write_report(report, tmp_path)
     assert [r["case"] for r in report["results"]] == ["plain", "routing", "plain_k", "routing_k"]
     for r in report["results"]:
         assert r["ok"], r.get("error")
@@ -122,13 +175,16 @@ def test_smoke_run_in_subprocesses_writes_json_and_markdown(tmp_path):
 
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(saved["results"]) == 4 and saved["machine"].endswith(f"Keras {__import__('keras').__version__}")
+    assert saved["provenance"]["command"] == "python apps/benchmark.py " + " ".join(argv)
+    assert len(saved["provenance"]["git_commit"]) == 40 and len(saved["provenance"]["load_average_after"]) == 3
     md = (tmp_path / "benchmark.md").read_text()
     assert "| case | T | precision | step (ms) | examples/s | × reference | × plain |" in md
     assert "| routing_k (k=2) | 3 | float32 |" in md
     assert "--cases plain,routing,plain_k,routing_k" in md
+    assert "Provenance: commit " in md and "quiet machine" not in md
 
 
-def test_a_case_that_fails_is_not_retried_at_larger_task_counts(monkeypatch, tmp_path):
+def test_a_case_that_fails_is_not_retried_at_larger_task_counts(monkeypatch):
     calls = []
 
     def fake_run(spec, timeout, memory_limit_mib):
@@ -138,8 +194,9 @@ def test_a_case_that_fails_is_not_retried_at_larger_task_counts(monkeypatch, tmp
         return {"ok": True, "step_seconds": 0.1 * spec["num_tasks"], "examples_per_second": 1.0,
                 "pairs_per_second": 1.0, "peak_rss_mib": 1.0, "train_rss_mib": 0.0, "parameters": 1}
 
-    monkeypatch.setattr(app, "run_in_subprocess", fake_run)
-    report = app.main(TINY + ["--num-tasks", "10", "50", "--cases", "plain,routing", "--no-variants", "--no-sharing"])
+    monkeypatch.setattr(benchmarking, "run_in_subprocess", fake_run)
+    specs = plan(tiny(num_tasks=[10, 50], cases=["plain", "routing"], variants=False))
+    results = run_cases(specs, timeout=1, memory_limit_mib=100, log=lambda line: None)
     assert calls == [("plain", 10), ("routing", 10), ("plain", 50)]
-    skipped = report["results"][-1]
+    skipped = results[-1]
     assert skipped["case"] == "routing" and skipped["error"] == "skipped: failed at T=10"

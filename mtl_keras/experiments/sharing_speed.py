@@ -1,53 +1,39 @@
-"""Speed of Selective Sharing's gradient collection.
+"""Speed of Selective Sharing's gradient collection: two measurements, each a dict of numbers.
 
-    python benchmarks/sharing_speed.py            # 10 and 50 tasks, prints the ratios
-    python benchmarks/sharing_speed.py --quick    # fewer steps
-
-Two measurements, each returning a dict of numbers (`apps/benchmark.py` calls
-them):
-
-- `sharing_overhead(num_tasks)`: training steps/s of an Omniglot-sized model
-  (VGG trunk on 32x32 images, routed, a 128-unit estimator per task) without
-  and with the `SelectiveSharing` collector in the train step. Target: at
-  most 5% slower with 50 tasks.
-- `collection_vs_naive(num_tasks)`: time to obtain every task's estimator
-  gradient for one batch, our way (the train step's one backward pass, the
-  rows stacked as the collector does) against the naive way (one
+- `sharing_overhead(num_tasks, config)`: training steps/s of a model without
+  and with the `SelectiveSharing` collector in the train step. Issue 3's
+  target: at most 5% slower with 50 tasks.
+- `collection_vs_naive(num_tasks, config)`: time to obtain every task's
+  estimator gradient for one batch, our way (the train step's one backward
+  pass, the rows stacked as the collector does) against the naive way (one
   `GradientTape` per task: a forward and a backward pass for each task's
   loss) and a kinder naive variant (one persistent tape, one `gradient` call
   per task). Target: at least 10x cheaper with 50 tasks.
 
 Timings alternate the variants over several rounds and keep the best round
 (steps/s) or the median (seconds), as the machine may be shared.
+`apps/benchmark.py` runs both (`--sharing`, `--sharing-tasks`, `--sharing-only`).
 """
 
-import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone  # noqa: E402
-from mtl_keras.sharing import GradientCollector  # noqa: E402
+from mtl_keras.experiments.training import build_model
+from mtl_keras.sharing import GradientCollector
+from mtl_keras.tasks import Task, TaskSet
 
 
-def _model_and_batch(num_tasks, batch_size, image_size, filters, classes, head_units, sigma, seed=0):
+def _model_and_batch(num_tasks, config, classes, seed=0):
     keras.utils.set_random_seed(seed)
     tasks = TaskSet([Task(f"task{i:02d}", "multiclass", classes) for i in range(num_tasks)])
-    backbone = conv_backbone((image_size, image_size, 1), num_tasks, sigma=sigma, filters=filters, seed=seed)
-    model = MultiTaskModel(backbone, tasks, head_units=head_units, seed=seed)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    size, batch_size = config.image_size, config.batch_size
+    model = build_model(config, tasks, (size, size, 1), seed=seed)
     rng = np.random.default_rng(seed)
     x = {
-        "image": rng.random((batch_size, image_size, image_size, 1)).astype("float32"),
+        "image": rng.random((batch_size, size, size, 1)).astype("float32"),
         "task": rng.integers(0, num_tasks, batch_size).astype("int32"),
     }
     y = rng.integers(0, classes, batch_size).astype("float32")
@@ -60,9 +46,15 @@ def _time_fit(model, dataset, steps):
     return steps / (time.perf_counter() - t0)
 
 
-def sharing_overhead(num_tasks=50, steps=20, rounds=3, batch_size=128, image_size=32,
-                     filters=(32, 64, 128, 256), classes=20, head_units=(128,), sigma=0.5):
+def sharing_overhead(num_tasks, config, classes=20, steps=20, rounds=3):
     """Training steps/s without and with the Selective Sharing collector.
+
+    Args:
+        num_tasks: tasks of the model.
+        config: the `TrainConfig` of the model (image size, batch, trunk, heads, sigma).
+        classes: classes per task.
+        steps: timed steps per round and variant.
+        rounds: rounds, each timing both variants.
 
     Returns:
         A dict: `num_tasks`, `steps_per_second_off`, `steps_per_second_on`
@@ -71,7 +63,7 @@ def sharing_overhead(num_tasks=50, steps=20, rounds=3, batch_size=128, image_siz
         and `collector_seconds_per_step` (the collector's ops timed alone)
         with `collector_fraction_of_step` (that time over a step's time).
     """
-    model, batch = _model_and_batch(num_tasks, batch_size, image_size, filters, classes, head_units, sigma)
+    model, batch = _model_and_batch(num_tasks, config, classes)
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
     collector = GradientCollector(model)
     off, on = [], []
@@ -106,7 +98,7 @@ def sharing_overhead(num_tasks=50, steps=20, rounds=3, batch_size=128, image_siz
     off_b, on_b = float(np.max(off)), float(np.max(on))
     return {
         "num_tasks": num_tasks,
-        "batch_size": batch_size,
+        "batch_size": config.batch_size,
         "steps_per_second_off": off_b,
         "steps_per_second_on": on_b,
         "slowdown": off_b / on_b - 1.0,
@@ -118,9 +110,14 @@ def sharing_overhead(num_tasks=50, steps=20, rounds=3, batch_size=128, image_siz
     }
 
 
-def collection_vs_naive(num_tasks, repeats=5, batch_size=128, image_size=32, filters=(32, 64, 128, 256),
-                        classes=20, head_units=(128,), sigma=0.5):
+def collection_vs_naive(num_tasks, config, classes=20, repeats=5):
     """Seconds to get all tasks' estimator gradients for one batch: one pass vs per-task tapes.
+
+    Args:
+        num_tasks: tasks of the model.
+        config: the `TrainConfig` of the model, as for `sharing_overhead`.
+        classes: classes per task.
+        repeats: timings of each variant (the median is kept).
 
     Returns:
         A dict: `num_tasks`, `one_pass_seconds`, `naive_seconds` (a tape,
@@ -128,7 +125,7 @@ def collection_vs_naive(num_tasks, repeats=5, batch_size=128, image_size=32, fil
         forward, one `gradient` call per task), and the ratios
         `naive_over_one_pass`, `naive_persistent_over_one_pass`.
     """
-    model, batch = _model_and_batch(num_tasks, batch_size, image_size, filters, classes, head_units, sigma)
+    model, batch = _model_and_batch(num_tasks, config, classes)
     variables = model.trainable_variables
     estimator_vars = [model.heads[t].estimator_variables() for t in range(num_tasks)]
 
@@ -194,38 +191,10 @@ def collection_vs_naive(num_tasks, repeats=5, batch_size=128, image_size=32, fil
     med = {name: float(np.median(v)) for name, v in times.items()}
     return {
         "num_tasks": num_tasks,
-        "batch_size": batch_size,
+        "batch_size": config.batch_size,
         "one_pass_seconds": med["one_pass"],
         "naive_seconds": med["naive"],
         "naive_persistent_seconds": med["naive_persistent"],
         "naive_over_one_pass": med["naive"] / med["one_pass"],
         "naive_persistent_over_one_pass": med["naive_persistent"] / med["one_pass"],
     }
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    p.add_argument("--tasks", type=int, nargs="*", default=[10, 50])
-    args = p.parse_args(argv)
-    steps, rounds, repeats = (8, 3, 3) if args.quick else (15, 5, 5)
-    out = {"overhead": [], "collection": []}
-    for t in args.tasks:
-        o = sharing_overhead(t, steps=steps, rounds=rounds)
-        out["overhead"].append(o)
-        print(f"{t:3d} tasks: {o['steps_per_second_off']:.2f} steps/s without collection, "
-              f"{o['steps_per_second_on']:.2f} with -> {100 * o['slowdown']:+.1f}% (median {100 * o['slowdown_median']:+.1f}%); "
-              f"collector alone {1000 * o['collector_seconds_per_step']:.2f} ms = "
-              f"{100 * o['collector_fraction_of_step']:.2f}% of a step (target <= 5% at 50)", flush=True)
-    for t in args.tasks:
-        c = collection_vs_naive(t, repeats=repeats)
-        out["collection"].append(c)
-        print(f"{t:3d} tasks: one pass {1000 * c['one_pass_seconds']:.0f} ms, per-task tapes "
-              f"{1000 * c['naive_seconds']:.0f} ms ({c['naive_over_one_pass']:.1f}x), persistent tape "
-              f"{1000 * c['naive_persistent_seconds']:.0f} ms ({c['naive_persistent_over_one_pass']:.1f}x) "
-              "(target >= 10x at 50)", flush=True)
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,21 @@
+"""apps/benchmark.py: a tiny benchmark end to end (cases and Selective Sharing in subprocesses)."""
+
+import json
+
+from apps import benchmark
+
+
+def test_smoke(tmp_path):
+    report = benchmark.main([
+        "--batch-size", "8", "--image-size", "8", "--width", "4", "--depth", "1", "--head-units", "4",
+        "--classes", "3", "--steps", "2", "--warmup", "1", "--num-tasks", "2", "--cases", "plain,routing",
+        "--no-variants", "--sharing-tasks", "2", "--quick", "--output", str(tmp_path),
+    ])
+    assert [(r["case"], r["ok"]) for r in report["results"]] == [("plain", True), ("routing", True)]
+    assert report["sharing"]["ok"], report["sharing"].get("error")
+    assert set(report["sharing"]) == {"ok", "overhead_T2", "collection_vs_naive_T2"}
+    assert {"sharing_slowdown_T2", "collection_naive_over_one_pass_T2"} <= set(report["targets"])
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["provenance"]["command"].startswith("python apps/benchmark.py --batch-size 8")
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "## Selective Sharing" in md and "- overhead_T2: num_tasks = 2" in md and "Provenance: commit " in md
