@@ -28,7 +28,7 @@ the run's provenance: commit, command, machine load) and results.png.
 
 import argparse
 
-from mtl_keras.data import load_omniglot
+from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args
 from mtl_keras.experiments.comparison import DEFAULT_CONFIGS, SingleTaskBudget, compare, resolve_configs
 from mtl_keras.experiments.comparison_tables import summary_table
 from mtl_keras.experiments.provenance import PACKAGE_ROOT, RunProvenance, run_directory
@@ -48,11 +48,10 @@ def parse_args(argv=None):
                         "whose weighting or sharing rule is not available are skipped with a warning "
                         "when they come from the default list, and are an error when named explicitly")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--tfds-dir", default=None)
+    add_omniglot_arguments(p)
     # docs/RESULTS.md was made with this preset's values (BN momentum 0.9: the
     # train app's 0.99 needs more steps before its moving statistics are usable).
-    add_config_arguments(p, preset="omniglot_comparison", exclude=NOT_FLAGS)
+    add_config_arguments(p, preset="comparison", exclude=NOT_FLAGS)
     stl = SingleTaskBudget()
     p.add_argument("--stl-epochs", type=int, default=stl.epochs, help="most epochs of each single-task model")
     p.add_argument("--stl-batch-size", type=int, default=stl.batch_size,
@@ -82,17 +81,15 @@ def main(argv=None):
         print(f"skipping {name}: {why}")
 
     def load_data(seed):
-        return load_omniglot(data_dir=args.data_dir, tasks=config.tasks, image_size=config.image_size,
-                             batch_size=config.batch_size, tfds_dir=args.tfds_dir, archives=config.archives,
-                             seed=seed)
+        return load_omniglot_from_args(args, config, seed=seed)
 
     result = compare(
         configs, args.seeds, load_data, config,
-        data_description={"data": "omniglot", "archives": config.archives},
+        data_description={"data": "omniglot", "archives": args.archives},
         cache_dir=args.cache_dir, output=run_directory("compare", args.output),
         provenance=RunProvenance(argv, program=__file__),
         stl=SingleTaskBudget(args.stl_epochs, args.stl_batch_size, args.stl_patience),
-        data_title="Omniglot, {num_tasks} alphabets", reuse=args.reuse, reuse_only=args.reuse_only,
+        data_title="Omniglot, {num_tasks} alphabets", data_label=f"{args.archives} archives", reuse=args.reuse, reuse_only=args.reuse_only,
         skipped=skipped, verbose=args.verbose,
     )
     if args.verbose:

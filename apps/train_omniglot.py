@@ -7,7 +7,7 @@ Writes into --output (default runs/omniglot/<timestamp>): TensorBoard logs,
 report.json (per-task test accuracy by alphabet, mean, parameters, sigma,
 seed, wall time, export path, provenance), accuracy.png, and exports a
 SavedModel for TF Serving to saved_models/omniglot/<version>/ (--export-dir
-to change). Data, model and training defaults are the "omniglot" preset
+to change). Data, model and training defaults are the "default" preset
 (mtl_keras.presets).
 """
 
@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from mtl_keras.data import OMNIGLOT_DIR_ENV, load_omniglot  # noqa: E402
+from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas  # noqa: E402
 from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
 from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
@@ -39,13 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, preset="omniglot")
-    f = p.add_argument_group("data files")
-    f.add_argument("--data-dir", default=None,
-                   help=f"folder with images_background.zip / images_evaluation.zip (or set {OMNIGLOT_DIR_ENV}); "
-                        "default: TFDS's manual dir, then ../shared/data/omniglot beside the checkout")
-    f.add_argument("--tfds-dir", default=None,
-                   help="where the prepared TFDS dataset is cached (default ~/tensorflow_datasets)")
+    add_config_arguments(p, preset="default")
+    add_omniglot_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="run folder (default runs/omniglot/<timestamp>)")
     o.add_argument("--export-dir", default=str(ROOT / "saved_models" / "omniglot"),
@@ -60,10 +55,7 @@ def parse_args(argv=None):
 def train_and_export(args, config, strategy, output, started):
     """Trains, evaluates, saves and exports; returns the report, the folder written to and the tasks."""
     chief = is_chief(strategy)
-    data = load_omniglot(
-        data_dir=args.data_dir, tasks=config.tasks, image_size=config.image_size, batch_size=config.batch_size,
-        tfds_dir=args.tfds_dir, archives=config.archives, seed=config.seed,
-    )
+    data = load_omniglot_from_args(args, config)
     print(f"Omniglot: {len(data.tasks)} alphabets, {data.num_examples} examples, "
           f"{config.image_size}x{config.image_size} images")
     train = prepare_for_replicas(data.train, config.batch_size, strategy, training=True)

@@ -14,7 +14,7 @@ that it reproduces the trial's score), evaluated on the test split and saved.
 
 --epochs is each trial's budget (Hyperband: the largest); --lr the learning
 rate when --lr-range is not given. Data, model and training defaults are the
-"omniglot_tuning" preset (mtl_keras.presets).
+"tuning" preset (mtl_keras.presets).
 
 Writes into --output (default runs/tune_sigma/<timestamp>): tuning.json
 (every trial, the best hyperparameters, the reload check, per-alphabet test
@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from mtl_keras.data import OMNIGLOT_DIR_ENV, load_omniglot  # noqa: E402
+from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import get_strategy, prepare_for_replicas  # noqa: E402
 from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
 from mtl_keras.experiments.training import backbone_builder  # noqa: E402
@@ -47,11 +47,8 @@ NOT_FLAGS = ("sigma", "head_dropout", "weighting", "sharing", "sharing_epoch", "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, preset="omniglot_tuning", exclude=NOT_FLAGS)
-    d = p.add_argument_group("data files")
-    d.add_argument("--data-dir", default=None,
-                   help=f"folder with the Omniglot zips (or set {OMNIGLOT_DIR_ENV}); default: the usual places")
-    d.add_argument("--tfds-dir", default=None, help="where the prepared TFDS dataset is cached")
+    add_config_arguments(p, preset="tuning", exclude=NOT_FLAGS)
+    add_omniglot_arguments(p)
     s = p.add_argument_group("search")
     s.add_argument("--tuner", choices=TUNERS, default="bayesian")
     s.add_argument("--trials", type=int, default=10, help="trials (Bayesian / random; Hyperband sizes its own)")
@@ -75,10 +72,7 @@ def search(args, config, output):
     """Runs (or resumes) the search, checks and saves the best model; returns the report."""
     started = time.time()
     strategy = get_strategy(config.strategy)
-    data = load_omniglot(
-        data_dir=args.data_dir, tasks=config.tasks, image_size=config.image_size, batch_size=config.batch_size,
-        tfds_dir=args.tfds_dir, archives=config.archives, seed=config.seed,
-    )
+    data = load_omniglot_from_args(args, config)
     # --batch-size is the global batch; with several replicas no replica
     # may get an empty batch (see prepare_for_replicas).
     train = prepare_for_replicas(data.train, config.batch_size, strategy, training=True)
@@ -118,7 +112,7 @@ def search(args, config, output):
                                title=f"Omniglot, {len(tasks)} alphabets: {args.tuner} search ({len(trials)} trials)")
     return {
         "app": "tune_sigma", "tuner": args.tuner, "objective": OBJECTIVE_NAME, "tasks": len(tasks),
-        "archives": config.archives, "epochs_per_trial": config.epochs, "seed": config.seed,
+        "archives": args.archives, "epochs_per_trial": config.epochs, "seed": config.seed,
         "best_hyperparameters": trials[0]["hyperparameters"], "best_val_mean_accuracy": trials[0]["score"],
         "best_trial_id": trials[0]["trial_id"], "reload_check": check,
         "test_mean_accuracy": test_logs["mean_accuracy"], "test_accuracy": per_task(test_logs, tasks, "accuracy"),

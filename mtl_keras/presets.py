@@ -10,7 +10,7 @@ flags whose defaults are the preset's values, and `config_from_args` gives the
 Example:
 
 >>> parser = argparse.ArgumentParser()
->>> add_config_arguments(parser, preset="omniglot")
+>>> add_config_arguments(parser, preset="default")
 >>> config = config_from_args(parser.parse_args(["--epochs", "3"]))
 >>> config.epochs, config.sigma
 (3, 0.5)
@@ -21,7 +21,6 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-ARCHIVES = ("full", "small")
 ROUTING_MODES = ("partition", "independent")
 SHARING_RULES = ("none", "similarity", "variance")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
@@ -43,13 +42,12 @@ class TrainConfig:
     """Everything a training run of the apps depends on.
 
     Every field is a flag of the apps that expose its group (`--image-size`
-    for `image_size`, ...). The values below are the `"omniglot"` preset, the
-    README's first command.
+    for `image_size`, ...). The values below are the `"default"` preset, the
+    recipe of the README's first command.
     """
 
-    # data
-    archives: str = _option("full", "'full' = 50 alphabets; 'small' = the 8 alphabets of the _small zips "
-                            "(quick runs)", "data", ARCHIVES)
+    # data (which files hold the data is the data module's business: e.g.
+    # mtl_keras.data.omniglot_flags)
     tasks: typing.Optional[int] = _option(None, "use the first K tasks (default: all)", "data", positive=True)
     image_size: int = _option(32, "images are resized to this square size", "data", positive=True)
     # model
@@ -87,15 +85,15 @@ _MAIN = TrainConfig()
 
 PRESETS = {
     # The README's first command: `python apps/train_omniglot.py`.
-    "omniglot": _MAIN,
+    "default": _MAIN,
     # The comparison of docs/RESULTS.md: the same model and budget; BN momentum
     # 0.9, with which the documented tables were made.
-    "omniglot_comparison": _MAIN.replace(bn_momentum=0.9),
+    "comparison": _MAIN.replace(bn_momentum=0.9),
     # KerasTuner trials: short (4 epochs of batch 64), so batch norm needs
     # the faster momentum; one device, as KerasTuner runs trials one by one.
     # No head dropout: the searches so far ran without it, and a trial's
     # score is only comparable with trials of the same model.
-    "omniglot_tuning": _MAIN.replace(bn_momentum=0.9, batch_size=64, epochs=4, strategy="default", head_dropout=0.0),
+    "tuning": _MAIN.replace(bn_momentum=0.9, batch_size=64, epochs=4, strategy="default", head_dropout=0.0),
 }
 
 
@@ -122,7 +120,7 @@ def _positive(kind):
     return parse
 
 
-def add_config_arguments(parser, preset="omniglot", groups=("data", "model", "training"), exclude=()):
+def add_config_arguments(parser, preset="default", groups=("data", "model", "training"), exclude=()):
     """Adds a flag for each `TrainConfig` field of `groups`, defaulting to `preset`'s value.
 
     Args:
@@ -166,7 +164,7 @@ def add_config_arguments(parser, preset="omniglot", groups=("data", "model", "tr
 
 def config_from_args(args):
     """The `TrainConfig` of parsed `args`: the preset, with every exposed flag's value."""
-    config = get_preset(getattr(args, "_preset", "omniglot"))
+    config = get_preset(getattr(args, "_preset", "default"))
     values = vars(args)
     changes = {}
     for f in dataclasses.fields(TrainConfig):

@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def test_default_flags_are_the_budget_of_docs_results():
     args = compare_methods.parse_args([])
     stl = SingleTaskBudget(args.stl_epochs, args.stl_batch_size, args.stl_patience)
-    budget = budget_text(config_from_args(args), 50, args.seeds, stl)
+    budget = budget_text(config_from_args(args), 50, args.seeds, stl, f"{args.archives} archives")
     saved = json.loads((DOCS / "results" / "results.json").read_text())
     assert budget == saved["meta"]["budget"]
     assert len(load_reused_runs([DOCS / "results"], budget)) == 9
@@ -25,7 +25,7 @@ def test_default_flags_are_the_budget_of_docs_results():
 
 def test_smoke(tmp_path):
     result = compare_methods.main([
-        "--data-dir", str(omniglot.find_omniglot_dir(archives="small")), "--archives", "small",
+        "--data-dir", str(omniglot.find_omniglot_dir(archives="small", download=False)), "--archives", "small",
         "--tfds-dir", str(tmp_path / "tfds"),
         "--tasks", "2", "--epochs", "1", "--image-size", "12", "--width", "4", "--depth", "2", "--head-units", "8",
         "--batch-size", "64", "--stl-epochs", "1", "--stl-batch-size", "64", "--cache-dir", str(tmp_path / "cache"),

@@ -9,7 +9,7 @@ import textwrap
 import keras
 import numpy as np
 
-from app_loading import small_omniglot_dir
+from small_archives import small_omniglot_dir
 from apps import train_omniglot
 from mtl_keras.data import load_omniglot
 
@@ -45,7 +45,7 @@ def test_app_trains_reports_and_exports_a_model_that_serves_in_a_fresh_process(t
     assert (out / "accuracy.png").stat().st_size > 1000
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert on_disk["export_path"] == str(tmp / "saved" / "1")
-    # Flags left alone are the "omniglot" preset's.
+    # Flags left alone are the "default" preset's.
     assert (on_disk["weighting"], on_disk["routing_mode"], on_disk["seed"], on_disk["sharing"]) == \
         ("equal", "partition", 0, None)
     assert on_disk["command"] == on_disk["provenance"]["command"] == "python apps/train_omniglot.py " + " ".join(argv)

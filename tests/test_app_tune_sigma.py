@@ -5,7 +5,7 @@ import json
 import keras
 import pytest
 
-from app_loading import small_omniglot_dir
+from small_archives import small_omniglot_dir
 from apps import tune_sigma
 from mtl_keras.tuning import OBJECTIVE_NAME
 

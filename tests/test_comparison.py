@@ -130,22 +130,22 @@ def test_tables_keep_their_columns_and_number_formats(tmp_path):
 
 
 def test_the_committed_results_are_still_accepted_by_reuse():
-    # The defaults of the omniglot_comparison preset and of the single-task
+    # The defaults of the comparison preset and of the single-task
     # budget are the budget docs/RESULTS.md was made with.
-    config, stl = get_preset("omniglot_comparison"), SingleTaskBudget()
+    config, stl = get_preset("comparison"), SingleTaskBudget()
     saved = json.loads((DOCS / "results" / "results.json").read_text())
-    assert budget_text(config, 50, [0], stl) == saved["meta"]["budget"]
-    both = load_reused_runs([DOCS / "results", DOCS / "results_seed1"], budget_text(config, 50, [0, 1], stl))
+    assert budget_text(config, 50, [0], stl, "full archives") == saved["meta"]["budget"]
+    both = load_reused_runs([DOCS / "results", DOCS / "results_seed1"], budget_text(config, 50, [0, 1], stl, "full archives"))
     assert len(both) == 14 and {seed for _, seed in both} == {0, 1}
     assert both[("tr0.5", 0)]["mean_test_accuracy"] == pytest.approx(0.8523, abs=1e-4)
     with pytest.raises(ValueError, match="another budget"):
-        load_reused_runs([DOCS / "results"], budget_text(config.replace(epochs=6), 50, [0], stl))
+        load_reused_runs([DOCS / "results"], budget_text(config.replace(epochs=6), 50, [0], stl, "full archives"))
     with pytest.raises(ValueError, match="no results.json there"):
-        load_reused_runs([DOCS], budget_text(config, 50, [0], stl))
+        load_reused_runs([DOCS], budget_text(config, 50, [0], stl, "full archives"))
 
 
 # ------------------------------------------------- on the small archives
-CONFIG = get_preset("omniglot_comparison").replace(archives="small", tasks=3, epochs=1, image_size=12, width=4,
+CONFIG = get_preset("comparison").replace(tasks=3, epochs=1, image_size=12, width=4,
                                                    depth=2, head_units=(8,), batch_size=64)
 STL = SingleTaskBudget(epochs=2, batch_size=64)
 
@@ -163,7 +163,7 @@ def run_small(tmp, names, output, config=CONFIG, **kwargs):
     return compare(resolve_configs(names)[0], [0], load_data, config, stl=STL,
                    data_description={"data": "omniglot", "archives": "small"}, cache_dir=tmp / "cache",
                    output=tmp / output, provenance=RunProvenance(argv, program="apps/compare_methods.py"),
-                   data_title="Omniglot, {num_tasks} alphabets", verbose=0, **kwargs)
+                   data_title="Omniglot, {num_tasks} alphabets", data_label="small archives", verbose=0, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import zipfile
 
 import pytest
 
-from app_loading import ROOT
-from app_loading import small_omniglot_dir
+from small_archives import ROOT
+from small_archives import small_omniglot_dir
 from mtl_keras.data import omniglot
 from omniglot_fakes import ArchiveServer
 from omniglot_fakes import hide_archives

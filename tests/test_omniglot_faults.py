@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from app_loading import small_omniglot_dir
+from small_archives import small_omniglot_dir
 from mtl_keras.data import omniglot
 from omniglot_fakes import hide_archives
 from omniglot_fakes import rewrite_zip

@@ -14,9 +14,9 @@ def _parse(argv, **kwargs):
 
 
 def test_flags_default_to_the_preset():
-    assert _parse([]) == get_preset("omniglot") == TrainConfig()
-    tuning = _parse([], preset="omniglot_tuning")
-    assert tuning == PRESETS["omniglot_tuning"]
+    assert _parse([]) == get_preset("default") == TrainConfig()
+    tuning = _parse([], preset="tuning")
+    assert tuning == PRESETS["tuning"]
     assert (tuning.bn_momentum, tuning.batch_size, tuning.epochs) == (0.9, 64, 4)
 
 
@@ -28,7 +28,7 @@ def test_flags_override_and_types():
 
 
 def test_groups_and_exclusions_keep_the_preset_value():
-    config = _parse([], groups=("data",), preset="omniglot_comparison")
+    config = _parse([], groups=("data",), preset="comparison")
     assert config.bn_momentum == 0.9
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, groups=("data",), exclude=("tasks",))
@@ -56,7 +56,7 @@ def test_build_model_follows_the_config():
     from mtl_keras.experiments.training import build_model
 
     tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "binary", 1)])
-    config = get_preset("omniglot").replace(width=4, depth=2, head_units=(8,), bn_momentum=0.8, lr=0.01)
+    config = get_preset("default").replace(width=4, depth=2, head_units=(8,), bn_momentum=0.8, lr=0.01)
     model = build_model(config, tasks, (16, 16, 1), name="m")
     norms = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(norms) == 2 and all(l.momentum == 0.8 for l in norms)

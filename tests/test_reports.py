@@ -33,7 +33,7 @@ def test_chance_is_a_uniform_guess_and_binary_has_two_classes():
 
 
 def test_report_of_a_trained_model(tmp_path):
-    config = get_preset("omniglot").replace(width=4, depth=1, head_units=(4,), epochs=1, image_size=8, lr=1e-2)
+    config = get_preset("default").replace(width=4, depth=1, head_units=(4,), epochs=1, image_size=8, lr=1e-2)
     keras.utils.set_random_seed(0)
     model = build_model(config, TASKS, (8, 8, 1))
     start = model.count_params()

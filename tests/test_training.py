@@ -17,7 +17,7 @@ def _norms(backbone):
 
 
 def test_backbone_builder_takes_the_trial_values_and_the_rest_from_the_config():
-    config = get_preset("omniglot_tuning").replace(width=4, depth=2, routing_mode="independent")
+    config = get_preset("tuning").replace(width=4, depth=2, routing_mode="independent")
     build = backbone_builder(config, (16, 16, 1), len(TASKS))
     trunk = build(sigma=0.25, seed=3)
     assert [l.filters for l in trunk.layers if isinstance(l, keras.layers.Conv2D)] == [4, 8]
@@ -29,7 +29,7 @@ def test_backbone_builder_takes_the_trial_values_and_the_rest_from_the_config():
 
 
 def test_hypermodel_builds_on_it_with_the_config_momentum():
-    config = get_preset("omniglot_tuning").replace(width=4, depth=2)
+    config = get_preset("tuning").replace(width=4, depth=2)
     hypermodel = SigmaHyperModel(backbone_builder(config, (16, 16, 1), len(TASKS)), TASKS, sigma=[0.5],
                                  widths=(4, 8), seed=config.seed, head_units=(4,))
     hp = keras_tuner.HyperParameters()

@@ -22,7 +22,7 @@ methods on any one-task-per-example image data set.
 Example:
 
 >>> configs, _ = resolve_configs("stl,hard,tr0.5")
->>> result = compare(configs, [0], lambda seed: my_data(seed), get_preset("omniglot_comparison"),
+>>> result = compare(configs, [0], lambda seed: my_data(seed), get_preset("comparison"),
 ...                  data_description={"data": "my_data"}, cache_dir="runs/stl_cache",
 ...                  output=run_directory("compare"), provenance=RunProvenance())
 >>> [(r["config"], round(r["delta_m"], 2)) for r in result["rows"]]
@@ -297,11 +297,16 @@ def run_stl(data, train_config, seed, stl, cache_dir, data_description, verbose=
 
 
 # ------------------------------------------------------------------ budget
-def budget_text(train_config, num_tasks, seeds, stl):
-    """The training budget as one line: the table's caption, and what reused runs must match."""
+def budget_text(train_config, num_tasks, seeds, stl, data_label=None):
+    """The training budget as one line: the table's caption, and what reused runs must match.
+
+    `data_label` names the data's variant after the task count, e.g.
+    `"full archives"`.
+    """
     c = train_config
+    tasks = f"{num_tasks} tasks" + (f" ({data_label})" if data_label else "")
     return (f"{c.epochs} epochs, seeds {list(seeds)}, batch {c.batch_size}, Adam lr {c.lr}, "
-            f"{num_tasks} tasks ({c.archives} archives), {c.image_size}x{c.image_size} images, "
+            f"{tasks}, {c.image_size}x{c.image_size} images, "
             f"VGG width {c.width} depth {c.depth}, BN momentum {c.bn_momentum}, "
             f"head units {list(c.head_units)}, head dropout {c.head_dropout}, "
             f"jit_compile={c.jit_compile}; STL: up to {stl.epochs} epochs of batch "
@@ -373,7 +378,7 @@ def summarise(runs, task_names, config_names):
 
 # ---------------------------------------------------------------- compare
 def compare(configs, seeds, load_data, train_config, *, data_description, cache_dir, output, provenance,
-            stl=SingleTaskBudget(), data_title="{num_tasks} tasks", reuse=(), reuse_only=False, skipped=(),
+            stl=SingleTaskBudget(), data_title="{num_tasks} tasks", data_label=None, reuse=(), reuse_only=False, skipped=(),
             verbose=1):
     """Runs a comparison and writes its outputs into `output`.
 
@@ -395,6 +400,7 @@ def compare(configs, seeds, load_data, train_config, *, data_description, cache_
         provenance: a `RunProvenance`, entered around the training.
         stl: the `SingleTaskBudget`.
         data_title: the plot title's start, formatted with `num_tasks`.
+        data_label: the data's variant in the budget line (`budget_text`).
         reuse: earlier output folders of the same budget whose runs are
             taken instead of training them again.
         reuse_only: train nothing; configurations without an earlier run
@@ -418,7 +424,7 @@ def compare(configs, seeds, load_data, train_config, *, data_description, cache_
             data = load_data(seed)
             tasks = data.tasks
             if reused is None:
-                budget = budget_text(train_config, len(tasks), seeds, stl)
+                budget = budget_text(train_config, len(tasks), seeds, stl, data_label)
                 reused = load_reused_runs(reuse, budget)
             for config in configs:
                 key = (config["name"], seed)

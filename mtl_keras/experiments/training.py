@@ -57,7 +57,7 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
 
     Example:
 
-    >>> model = build_model(get_preset("omniglot"), data.tasks, (32, 32, 1))
+    >>> model = build_model(get_preset("default"), data.tasks, (32, 32, 1))
     >>> model.fit(data.train, epochs=1)
     """
     seed = config.seed if seed is None else seed
