@@ -29,9 +29,6 @@ def pyplot():
     return plt
 
 
-# apps/compare_methods.py imports this module for the headless backend alone.
-pyplot()
-
 
 def plot_task_bars(values, path, title, ylabel="test accuracy", reference=None, reference_label=None):
     """Horizontal bars of one value per task, sorted, with the mean marked.

@@ -1,11 +1,8 @@
 """The figure of a method comparison: mean test accuracy and Δm per configuration."""
 
-import matplotlib
+import numpy as np
 
-# Comparisons run on servers without a display; Agg writes PNGs without one.
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mtl_keras.plots import pyplot
 
 
 def plot_results(rows, path, title):
@@ -16,6 +13,7 @@ def plot_results(rows, path, title):
         path: the PNG to write.
         title: the figure's title.
     """
+    plt = pyplot()
     names = [r["config"] for r in rows]
     y = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
