@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras import ops
 from keras.src.utils.tracking import DotNotTrackScope
 
+from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
 from mtl_keras.layers.task_head import TaskHead, stacked_estimator_weights
 from mtl_keras.metrics import PerTaskMean
 from mtl_keras.task_losses import TaskTable, gather_task_logits, pair_losses, pair_metrics, sanitize_labels
@@ -37,25 +38,6 @@ from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
 
 TASK_SAMPLING = ("per_example", "per_batch")
-
-
-def _num_replicas():
-    ctx = tf.distribute.get_replica_context()
-    return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
-def _in_multi_worker_mode(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-        strategy.extended._in_multi_worker_mode()
-    )
-
-
-def _all_reduce_sum(value):
-    """Sums a tensor over replicas (identity with one replica)."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return value
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def prune_optimizer(optimizer, keep_variables):
@@ -435,9 +417,9 @@ class MultiTaskModel(keras.Model):
         num_tasks = len(self.tasks)
         local_sum = ops.segment_sum(losses * weights, task_ids, num_segments=num_tasks)
         local_count = ops.segment_sum(weights, task_ids, num_segments=num_tasks)
-        global_count = _all_reduce_sum(local_count)
+        global_count = all_reduce_sum(local_count)
         shares = local_sum / ops.maximum(global_count, 1e-12)
-        global_losses = _all_reduce_sum(ops.stop_gradient(shares))
+        global_losses = all_reduce_sum(ops.stop_gradient(shares))
         return shares, global_count > 0, global_losses
 
     def _check_labels(self, pairs):
@@ -475,7 +457,7 @@ class MultiTaskModel(keras.Model):
         objective = self.weighting.combine(shares, present, task_weights, global_losses)
         regularization = None
         if self.losses:
-            regularization = ops.sum(self.losses) / _num_replicas()
+            regularization = ops.sum(self.losses) / num_replicas()
             objective = objective + regularization
         out = dict(
             pairs=pairs,
@@ -496,13 +478,13 @@ class MultiTaskModel(keras.Model):
         task_ids, weights = pairs["task_ids"], pairs["weights"]
         if self._loss_tracker is not None:
             # The tracker averages over replicas; each replica holds a share.
-            self._loss_tracker.update_state(objective * _num_replicas())
+            self._loss_tracker.update_state(objective * num_replicas())
         self.task_loss_tracker.update_state(out["losses"], task_ids, weights)
         values = pair_metrics(out["logits"], pairs["labels"], task_ids, self.table)
         for tracker in self.task_metric_trackers:
             tracker.update_state(values[tracker.metric], task_ids, weights)
         logs = self.get_metrics_result()
-        if _in_multi_worker_mode(self.distribute_strategy):
+        if in_multi_worker_mode(self.distribute_strategy):
             # Keras' TF trainer reduces each log with `strategy.reduce("MEAN",
             # v, axis=0)` across workers, which rejects scalars
             # (keras-team/keras#20585); rank-1 logs come back as scalars.
@@ -528,7 +510,7 @@ class MultiTaskModel(keras.Model):
             ),
             loss_scale=ops.stop_gradient(loss_scale),
             iteration=self.optimizer.iterations,
-            num_replicas=_num_replicas(),
+            num_replicas=num_replicas(),
         )
         grads = weighting.compute_gradients(tape, scaled, variables, step)
         del tape

@@ -3,8 +3,8 @@
 import keras
 from keras import ops
 
+from mtl_keras.distribute import all_reduce_sum
 from mtl_keras.weighting.base import Weighting, present_mean, register_weighting
-from mtl_keras.weighting.task_gradients import all_reduce_sum
 
 
 def gradnorm_weight_gradient(norms, weights, losses, initial_losses, present, alpha=1.5):

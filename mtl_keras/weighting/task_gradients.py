@@ -41,21 +41,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from mtl_keras.distribute import all_reduce_sum
+
 PER_TASK_GRADIENTS = ("auto", "grouped", "jacobian")
-
-
-def num_replicas():
-    """Replicas in sync (1 outside a distribution strategy)."""
-    ctx = tf.distribute.get_replica_context()
-    return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
-def all_reduce_sum(value):
-    """Sums a tensor over replicas (identity with one replica)."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return value
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def check_every_n_steps(every_n_steps):
