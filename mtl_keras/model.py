@@ -28,58 +28,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src.utils.tracking import DotNotTrackScope
 
 from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
 from mtl_keras.layers.task_head import TaskHead, stacked_estimator_weights
 from mtl_keras.metrics import PerTaskMean
+from mtl_keras.optimizers import prune_optimizer
 from mtl_keras.task_losses import TaskTable, gather_task_logits, pair_losses, pair_metrics, sanitize_labels
 from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
 
 TASK_SAMPLING = ("per_example", "per_batch")
 
-
-def prune_optimizer(optimizer, keep_variables):
-    """Forgets the optimizer state of variables not in `keep_variables`.
-
-    Keras 3 optimizers keep one slot per variable they were built with (Adam's
-    momentum and velocity, EMA, gradient accumulators) in lists indexed by
-    the variable's position. After a merge drops estimator variables, their
-    slots would still be saved, and a `.keras` reload (whose optimizer is
-    built on the surviving variables only) could not match them. Removing
-    them keeps the surviving slots (same objects, same values) in the order a
-    fresh build on the surviving variables gives. No variable is created.
-    """
-    inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer
-    if inner is not None:
-        prune_optimizer(inner, keep_variables)
-    if not getattr(optimizer, "built", False):
-        return
-    old = list(optimizer._trainable_variables)
-    keep_keys = {optimizer._var_key(v) for v in keep_variables}
-    kept = [i for i, v in enumerate(old) if optimizer._var_key(v) in keep_keys]
-    if len(kept) == len(old):
-        return
-    removed = set()
-    originally_tracked = list(optimizer._variables)
-    with DotNotTrackScope():  # Keras' tracker must not re-collect what we set
-        for name, value in list(vars(optimizer).items()):
-            if name in ("_trainable_variables", "_variables") or not isinstance(value, list):
-                continue
-            if len(value) != len(old) or not all(x is None or isinstance(x, keras.Variable) for x in value):
-                continue
-            removed.update(id(x) for i, x in enumerate(value) if i not in set(kept) and x is not None)
-            setattr(optimizer, name, [value[i] for i in kept])
-        survivors = [old[i] for i in kept]
-        optimizer._trainable_variables = survivors
-        # A new list rather than deleting from the old one: TensorFlow refuses
-        # to save (SavedModel export) a tracked list that had items deleted.
-        optimizer._variables = [v for v in originally_tracked if id(v) not in removed]
-    optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(survivors)}
-    store = optimizer._variables
-    optimizer._tracker.config["variables"] = (optimizer._tracker.config["variables"][0], store)
-    optimizer._tracker.stored_ids["variables"] = {id(v) for v in store}
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class MultiTaskModel(keras.Model):
