@@ -30,10 +30,10 @@ import tensorflow as tf
 from keras import ops
 
 from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
-from mtl_keras.layers.task_head import TaskHead, stacked_estimator_weights
+from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
 from mtl_keras.optimizers import prune_optimizer
-from mtl_keras.task_losses import TaskTable, gather_task_logits, pair_losses, pair_metrics, sanitize_labels
+from mtl_keras.task_losses import TaskTable, pair_losses, pair_metrics, sanitize_labels
 from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
 
@@ -49,7 +49,8 @@ class MultiTaskModel(keras.Model):
             `task` input only when it routes, see `backbones.conv_backbone`)
             to features `[batch, features]`.
         tasks: a `TaskSet` (or list of `Task`s); task ids index into it.
-        head_units: widths of each `TaskHead`'s estimator.
+        head_units: widths of each `TaskHead`'s estimator; the heads are a
+            `TaskHeads` layer, `model.task_heads`.
         head_activation: activation of the estimators.
         head_dropout: dropout after each estimator layer.
         head_regularizer: optional kernel regularizer of the heads.
@@ -98,10 +99,6 @@ class MultiTaskModel(keras.Model):
             raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, got {task_sampling!r}.")
         self.tasks_per_step = tasks_per_step
         self.task_sampling = task_sampling
-        self.head_units = tuple(int(u) for u in head_units)
-        self.head_activation = keras.activations.get(head_activation)
-        self.head_dropout = float(head_dropout)
-        self.head_regularizer = keras.regularizers.get(head_regularizer)
         self.seed = seed
 
         self.backbone = backbone
@@ -114,24 +111,18 @@ class MultiTaskModel(keras.Model):
                 f"feature size; got {backbone.outputs[0].shape}. End it with pooling or Flatten."
             )
 
-        owners = list(range(num_tasks)) if estimator_of_task is None else [int(o) for o in estimator_of_task]
-        self._check_owners(owners)
-        self.estimator_of_task = owners
-        self.heads = [
-            TaskHead(
-                task.num_outputs,
-                hidden_units=self.head_units,
-                activation=head_activation,
-                dropout=0.0,  # applied by the model, once for all heads
-                has_estimator=owners[i] == i,
-                kernel_regularizer=self.head_regularizer,
-                name=f"head_{i}",
-            )
-            for i, task in enumerate(self.tasks)
-        ]
-        for head in self.heads:
-            head.build((None, feature_dim))
-        self.dropout_layer = keras.layers.Dropout(self.head_dropout) if self.head_dropout else None
+        # Assigned before the weighting: the optimizer's slots (and so its
+        # saved state) follow the order of the trainable variables.
+        self.task_heads = TaskHeads(
+            self.tasks,
+            hidden_units=head_units,
+            activation=head_activation,
+            dropout=head_dropout,
+            kernel_regularizer=head_regularizer,
+            estimator_of_task=estimator_of_task,
+            name="task_heads",
+        )
+        self.task_heads.build((None, feature_dim))
 
         self.weighting = get_weighting(weighting)
         self.weighting.build(num_tasks)
@@ -146,42 +137,59 @@ class MultiTaskModel(keras.Model):
         self.gradient_observers = []
         self.built = True
 
-    # ------------------------------------------------------------------ groups
-    def _check_owners(self, owners):
-        n = len(self.tasks)
-        if len(owners) != n:
-            raise ValueError(f"estimator_of_task needs one entry per task ({n}), got {len(owners)}.")
-        for t, o in enumerate(owners):
-            if not 0 <= o < n:
-                raise ValueError(f"estimator_of_task[{t}] = {o} is not a task index in [0, {n}).")
-            if owners[o] != o:
-                raise ValueError(
-                    f"estimator_of_task[{t}] = {o}, but task {o} itself uses the estimator of "
-                    f"task {owners[o]}: an owner must use its own estimator."
-                )
+    # ------------------------------------------------------------------ heads
+    @property
+    def heads(self):
+        """The `TaskHead` of each task (owned by `task_heads`).
+
+        Also where `.keras` files keep the heads' weights: Keras saves every
+        object under the first attribute path it meets walking the model's
+        attributes in sorted order, and `heads` sorts before `layers` and
+        `task_heads`, so the weights stay at `heads/task_head[_i]/...`, where
+        files written before `TaskHeads` existed have them
+        (tests/test_legacy_files.py, tests/test_model.py).
+        """
+        return self.task_heads.heads
+
+    @property
+    def head_units(self):
+        return self.task_heads.hidden_units
+
+    @property
+    def head_activation(self):
+        return self.task_heads.activation
+
+    @property
+    def head_dropout(self):
+        return self.task_heads.dropout
+
+    @property
+    def head_regularizer(self):
+        return self.task_heads.kernel_regularizer
+
+    @property
+    def estimator_of_task(self):
+        """For each task, the index of the head whose estimator it uses."""
+        return self.task_heads.estimator_of_task
 
     @property
     def estimator_owners(self):
         """Sorted indices of the tasks whose heads hold an estimator."""
-        return sorted(set(self.estimator_of_task))
+        return self.task_heads.estimator_owners
 
     @property
     def task_groups(self):
         """The groups of tasks sharing one estimator: `{owner: [task ids]}`."""
-        groups = {}
-        for t, o in enumerate(self.estimator_of_task):
-            groups.setdefault(o, []).append(t)
-        return groups
+        return self.task_heads.task_groups
 
     def set_estimator_of_task(self, estimator_of_task):
         """Regroups the heads: task t will use the estimator of head `estimator_of_task[t]`.
 
-        Estimators no longer used by any task are dropped with their
-        variables; no variable is created, so the optimizer (built on the
-        original variables) goes on with the surviving weights' state. A task
-        cannot get back an estimator once it was dropped. Compiled step
-        functions are rebuilt at their next use, so this is safe to call from
-        a callback during `fit()`.
+        See `TaskHeads.set_estimator_of_task`. The optimizer (built on the
+        original variables) goes on with the surviving weights' state and
+        forgets the dropped ones'. Compiled step functions are rebuilt at
+        their next use, so this is safe to call from a callback during
+        `fit()`.
 
         Args:
             estimator_of_task: list with one head index per task.
@@ -189,19 +197,7 @@ class MultiTaskModel(keras.Model):
         Returns:
             The list of head indices whose estimators were dropped.
         """
-        owners = [int(o) for o in estimator_of_task]
-        self._check_owners(owners)
-        for o in sorted(set(owners)):
-            if not self.heads[o].has_estimator:
-                users = [t for t, u in enumerate(owners) if u == o]
-                raise ValueError(
-                    f"Tasks {users} cannot use head {o}'s estimator: it was dropped earlier "
-                    "(merges are final; group them under a head that still has its estimator)."
-                )
-        dropped = [i for i in self.estimator_owners if i not in set(owners)]
-        for i in dropped:
-            self.heads[i].drop_estimator()
-        self.estimator_of_task = owners
+        dropped = self.task_heads.set_estimator_of_task(estimator_of_task)
         if dropped and self.optimizer is not None:
             prune_optimizer(self.optimizer, self.trainable_variables)
         if self.train_function is not None:
@@ -240,28 +236,9 @@ class MultiTaskModel(keras.Model):
             training: whether dropout is active.
 
         Returns:
-            `[P, max_outputs]` logits (see `task_losses.gather_task_logits`).
+            `[P, max_outputs]` logits (see `TaskHeads`).
         """
-        h = ops.cast(features, "float32")
-        owners = self.estimator_owners
-        if self.head_units:
-            slot_of_owner = {o: i for i, o in enumerate(owners)}
-            slot_of_task = np.array([slot_of_owner[o] for o in self.estimator_of_task], "int32")
-            slot = ops.take(ops.convert_to_tensor(slot_of_task), task_ids)
-            for kernels, biases in stacked_estimator_weights(self.heads, owners):
-                # One gathered kernel per pair: [P, in, out], then a batched matvec.
-                h = ops.einsum("pi,pio->po", h, ops.take(kernels, slot, axis=0))
-                h = self.head_activation(h + ops.take(biases, slot, axis=0))
-                if self.dropout_layer is not None:
-                    h = self.dropout_layer(h, training=training)
-        out_kernel = ops.concatenate(
-            [hd.output_layer.kernel.value for hd in self.heads], axis=1
-        )
-        out_bias = ops.concatenate(
-            [hd.output_layer.bias.value for hd in self.heads], axis=0
-        )
-        all_logits = ops.matmul(h, out_kernel) + out_bias
-        return gather_task_logits(all_logits, task_ids, self.table)
+        return self.task_heads(features, task_ids, training=training)
 
     def call(self, inputs, training=False):
         """Logits `[B, max_outputs]` of each example's task (inputs with a
@@ -523,7 +500,7 @@ class MultiTaskModel(keras.Model):
     # ------------------------------------------------------------------ config
     def head_parameter_count(self):
         """Parameters of the heads (estimators and output layers)."""
-        return int(sum(np.prod(v.shape) for h in self.heads for v in h.weights))
+        return int(self.task_heads.count_params())
 
     def get_config(self):
         config = super().get_config()

@@ -149,10 +149,11 @@ def test_pcgrad_step_combines_exact_per_task_trunk_gradients(route, batch_norm, 
     got = np.concatenate([np.ravel(g) for p, g in zip(seen["vars"], seen["grads"]) if p in trunk_paths])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     # The absent task's head gets nothing; present heads get their gradients.
+    assert {2, 1} <= {int(p.split("/")[1][len("head_"):]) for p in seen["vars"] if p.startswith("task_heads/")}
     for p, g in zip(seen["vars"], seen["grads"]):
-        if p.startswith("head_2/"):
+        if p.startswith("task_heads/head_2/"):
             assert g is None or not np.any(g), p
-        if p.startswith("head_1/"):
+        if p.startswith("task_heads/head_1/"):
             assert g is not None and np.any(g), p
 
 
