@@ -24,6 +24,8 @@ tasks come from segment sums over the pairs' task ids. Nothing in the step
 loops over tasks in Python, so its cost grows slowly with the task count.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -33,6 +35,7 @@ from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_repli
 from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
 from mtl_keras.optimizers import prune_optimizer
+from mtl_keras.step import Pairs, StepContext
 from mtl_keras.task_losses import TaskTable, pair_losses, pair_metrics, sanitize_labels
 from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
@@ -278,10 +281,7 @@ class MultiTaskModel(keras.Model):
         """Flattens a batch into (example, task) pairs.
 
         Returns:
-            A dict with `images` (the image inputs), `rows` (`[P]` example of
-            each pair, or None when pairs are examples), `task_ids` `[P]`,
-            `labels` `[P, label_width]` and `weights` `[P]` (0 for missing
-            labels).
+            A `Pairs` (see `mtl_keras.step`).
         """
         images = self._image_inputs(x)
         table = self.table
@@ -291,7 +291,7 @@ class MultiTaskModel(keras.Model):
             weights = ops.cast(present, "float32")
             if sample_weight is not None:
                 weights = weights * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
-            return dict(images=images, rows=None, task_ids=task_ids, labels=labels, weights=weights)
+            return Pairs(images=images, rows=None, task_ids=task_ids, labels=labels, weights=weights)
 
         num_tasks = len(self.tasks)
         y = ops.cast(y, "float32")
@@ -335,7 +335,7 @@ class MultiTaskModel(keras.Model):
             weights = ops.reshape(ops.take_along_axis(avail_w, chosen, axis=1), (-1,))
         labels, present = sanitize_labels(labels, task_ids, table)
         weights = weights * ops.cast(present, "float32")
-        return dict(images=images, rows=rows, task_ids=task_ids, labels=labels, weights=weights)
+        return Pairs(images=images, rows=rows, task_ids=task_ids, labels=labels, weights=weights)
 
     # ------------------------------------------------------------------ losses
     def task_losses(self, losses, task_ids, weights):
@@ -365,12 +365,12 @@ class MultiTaskModel(keras.Model):
         if self.jit_compile:
             return
         table = self.table
-        is_class = table.take(np.logical_not(table.is_regression), pairs["task_ids"])
-        n = ops.cast(table.take(table.num_outputs, pairs["task_ids"]), "float32")
-        limit = ops.where(table.take(table.is_binary, pairs["task_ids"]), 2.0, n)
-        bad = ops.logical_and(is_class, pairs["labels"][:, 0] >= limit)
+        is_class = table.take(np.logical_not(table.is_regression), pairs.task_ids)
+        n = ops.cast(table.take(table.num_outputs, pairs.task_ids), "float32")
+        limit = ops.where(table.take(table.is_binary, pairs.task_ids), 2.0, n)
+        bad = ops.logical_and(is_class, pairs.labels[:, 0] >= limit)
         tf.debugging.assert_equal(
-            ops.any(ops.logical_and(bad, pairs["weights"] > 0)),
+            ops.any(ops.logical_and(bad, pairs.weights > 0)),
             False,
             message=(
                 "A class label is >= its task's number of classes (num_outputs); check the "
@@ -379,46 +379,51 @@ class MultiTaskModel(keras.Model):
         )
 
     def _step(self, data, training):
+        """The objective and the `StepContext` of one batch (train or test)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         pairs = self.make_pairs(x, y, sample_weight, training=training)
         self._check_labels(pairs)
-        task_ids, weights, labels = pairs["task_ids"], pairs["weights"], pairs["labels"]
         # Features kept apart from the heads: gradient methods take
         # per-task gradients there (see mtl_keras.weighting).
-        features = self._pairs_features(pairs["images"], pairs["rows"], task_ids, training)
-        logits = self.heads_forward(features, task_ids, training)
-        losses = pair_losses(logits, labels, task_ids, self.table)
-        shares, present, global_losses = self.task_losses(losses, task_ids, weights)
+        features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)
+        logits = self.heads_forward(features, pairs.task_ids, training)
+        losses = pair_losses(logits, pairs.labels, pairs.task_ids, self.table)
+        shares, present, global_losses = self.task_losses(losses, pairs.task_ids, pairs.weights)
         task_weights = ops.convert_to_tensor(self.table.weights)
         objective = self.weighting.combine(shares, present, task_weights, global_losses)
         regularization = None
         if self.losses:
             regularization = ops.sum(self.losses) / num_replicas()
             objective = objective + regularization
-        out = dict(
+        step = StepContext(
             pairs=pairs,
             logits=logits,
             losses=losses,
             features=features,
-            task_ids=task_ids,
             task_losses=shares,
             present=present,
             task_weights=task_weights,
             global_task_losses=global_losses,
             regularization=regularization,
+            loss_scale=ops.ones((), dtype=objective.dtype),
+            iteration=self.optimizer.iterations if training else None,
+            num_replicas=num_replicas(),
+            backbone=self.backbone,
+            features_fn=lambda images, task_ids: self._features(
+                images, task_ids if self.routed else None, training
+            ),
         )
-        return objective, out
+        return objective, step
 
-    def _update_metrics(self, objective, out):
-        pairs = out["pairs"]
-        task_ids, weights = pairs["task_ids"], pairs["weights"]
+    def _update_metrics(self, objective, step):
+        pairs = step.pairs
         if self._loss_tracker is not None:
             # The tracker averages over replicas; each replica holds a share.
             self._loss_tracker.update_state(objective * num_replicas())
-        self.task_loss_tracker.update_state(out["losses"], task_ids, weights)
-        values = pair_metrics(out["logits"], pairs["labels"], task_ids, self.table)
+        self.task_loss_tracker.update_state(step.losses, pairs.task_ids, pairs.weights)
+        values = pair_metrics(step.logits, pairs.labels, pairs.task_ids, self.table)
         for tracker in self.task_metric_trackers:
-            tracker.update_state(values[tracker.metric], task_ids, weights)
+            tracker.update_state(values[tracker.metric], pairs.task_ids, pairs.weights)
         logs = self.get_metrics_result()
         if in_multi_worker_mode(self.distribute_strategy):
             # Keras' TF trainer reduces each log with `strategy.reduce("MEAN",
@@ -431,34 +436,24 @@ class MultiTaskModel(keras.Model):
         weighting = self.weighting
         # Gradient methods use the tape more than once (heads, then per-task trunk gradients).
         with tf.GradientTape(persistent=weighting.needs_task_gradients) as tape:
-            objective, out = self._step(data, training=True)
+            objective, step = self._step(data, training=True)
             scaled = self.optimizer.scale_loss(objective)
-            loss_scale = self.optimizer.scale_loss(ops.ones((), dtype=objective.dtype))
-            if out["regularization"] is not None:
-                out["regularization"] = out["regularization"] * loss_scale
+            loss_scale = ops.stop_gradient(self.optimizer.scale_loss(ops.ones((), dtype=objective.dtype)))
+            # Scaled on the tape: weightings differentiate the regularisation on its own.
+            regularization = None if step.regularization is None else step.regularization * loss_scale
+            step = dataclasses.replace(step, regularization=regularization, loss_scale=loss_scale)
         variables = self.trainable_variables
-        step = dict(
-            out,
-            backbone=self.backbone,
-            shared_variables=self.backbone.trainable_variables,
-            features_fn=lambda images, task_ids: self._features(
-                images, task_ids if self.routed else None, True
-            ),
-            loss_scale=ops.stop_gradient(loss_scale),
-            iteration=self.optimizer.iterations,
-            num_replicas=num_replicas(),
-        )
         grads = weighting.compute_gradients(tape, scaled, variables, step)
         del tape
         for observer in self.gradient_observers:
-            observer(variables, grads, out)
+            observer(variables, grads, step)
         self.optimizer.apply(grads, variables)
         weighting.end_train_step(step)
-        return self._update_metrics(objective, out)
+        return self._update_metrics(objective, step)
 
     def test_step(self, data):
-        objective, out = self._step(data, training=False)
-        return self._update_metrics(objective, out)
+        objective, step = self._step(data, training=False)
+        return self._update_metrics(objective, step)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Every variable exists after __init__ and compile(), so there is

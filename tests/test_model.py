@@ -157,12 +157,12 @@ def test_tasks_per_step_sampling_picks_k_labelled_tasks(sampling):
     x, y = multi_label_batch()
     y[:, 5] = np.nan  # never labelled: never sampled while others are
     pairs = model.make_pairs({"image": x}, y, training=True)
-    ids = keras.ops.convert_to_numpy(pairs["task_ids"]).reshape(16, 2)
+    ids = keras.ops.convert_to_numpy(pairs.task_ids).reshape(16, 2)
     assert not np.any(ids == 5)
     assert all(len(set(r)) == 2 for r in ids)
     if sampling == "per_batch":
         assert all(set(r) == set(ids[0]) for r in ids)
-    w = keras.ops.convert_to_numpy(pairs["weights"]).reshape(16, 2)
+    w = keras.ops.convert_to_numpy(pairs.weights).reshape(16, 2)
     np.testing.assert_array_equal(w > 0, ~np.isnan(np.take_along_axis(y, ids, axis=1)))
     model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0)
 

@@ -118,8 +118,14 @@ class GradientCollector:
             self.model.make_train_function(force=True)
 
     # ------------------------------------------------------------ in the step
-    def __call__(self, variables, grads, out):
-        """Adds this step's estimator gradients (runs in the traced train step)."""
+    def __call__(self, variables, grads, step):
+        """Adds this step's estimator gradients (runs in the traced train step).
+
+        Args:
+            variables: the model's trainable variables.
+            grads: their gradients, aligned with `variables`.
+            step: the step's `mtl_keras.step.StepContext`.
+        """
         model = self.model
         position = {id(v): i for i, v in enumerate(variables)}
         owners = model.estimator_owners
@@ -135,10 +141,9 @@ class GradientCollector:
                 # After a merge: rows go to their owners' slots, others get 0.
                 update = tf.scatter_nd(indices, update, (self.num_tasks,) + shape)
             accumulator.assign_add(update)
-        pairs = out["pairs"]
         self._counts.assign_add(
             tf.math.unsorted_segment_sum(
-                tf.cast(pairs["weights"], "float32"), pairs["task_ids"], self.num_tasks
+                tf.cast(step.pairs.weights, "float32"), step.pairs.task_ids, self.num_tasks
             )
         )
         self._steps.assign_add(1.0)
