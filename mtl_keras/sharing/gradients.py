@@ -114,7 +114,7 @@ class GradientCollector:
         return self
 
     def _retrace(self):
-        if getattr(self.model, "train_function", None) is not None:
+        if self.model.train_function is not None:
             self.model.make_train_function(force=True)
 
     # ------------------------------------------------------------ in the step
@@ -171,12 +171,3 @@ class GradientCollector:
         counts = np.asarray(self._counts.read_value(), dtype=np.float64)
         steps = int(round(float(self._steps.read_value())))
         return sums, counts, steps
-
-    def unflatten(self, row):
-        """Splits a row of `read()` back into arrays shaped like the estimator's variables."""
-        out, start = [], 0
-        for shape in self.layout:
-            n = math.prod(shape)
-            out.append(np.reshape(row[start : start + n], shape))
-            start += n
-        return out
