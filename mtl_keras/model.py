@@ -36,7 +36,13 @@ from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
 from mtl_keras.optimizers import prune_optimizer
 from mtl_keras.step import Pairs, StepContext
-from mtl_keras.task_losses import TaskTable, pair_losses, pair_metrics, sanitize_labels
+from mtl_keras.task_losses import (
+    TaskTable,
+    assert_class_labels_in_range,
+    pair_losses,
+    pair_metrics,
+    sanitize_labels,
+)
 from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
 
@@ -155,22 +161,6 @@ class MultiTaskModel(keras.Model):
         return self.task_heads.heads
 
     @property
-    def head_units(self):
-        return self.task_heads.hidden_units
-
-    @property
-    def head_activation(self):
-        return self.task_heads.activation
-
-    @property
-    def head_dropout(self):
-        return self.task_heads.dropout
-
-    @property
-    def head_regularizer(self):
-        return self.task_heads.kernel_regularizer
-
-    @property
     def estimator_of_task(self):
         """For each task, the index of the head whose estimator it uses."""
         return self.task_heads.estimator_of_task
@@ -254,7 +244,8 @@ class MultiTaskModel(keras.Model):
         batch = ops.shape(next(iter(images.values())))[0]
         num_tasks = len(self.tasks)
         rows, task_ids = self._all_task_pairs(batch)
-        logits = self._pairs_forward(images, rows, task_ids, training)
+        features = self._pairs_features(images, rows, task_ids, training)
+        logits = self.heads_forward(features, task_ids, training)
         return ops.reshape(logits, (batch, num_tasks, self.table.max_outputs))
 
     def _all_task_pairs(self, batch):
@@ -272,9 +263,6 @@ class MultiTaskModel(keras.Model):
             return self._features(repeated, task_ids, training)
         # The trunk does not depend on the task: run it once per example.
         return ops.take(self._features(images, None, training), rows, axis=0)
-
-    def _pairs_forward(self, images, rows, task_ids, training):
-        return self.heads_forward(self._pairs_features(images, rows, task_ids, training), task_ids, training)
 
     # ------------------------------------------------------------------- pairs
     def make_pairs(self, x, y, sample_weight=None, training=False):
@@ -358,31 +346,12 @@ class MultiTaskModel(keras.Model):
         global_losses = all_reduce_sum(ops.stop_gradient(shares))
         return shares, global_count > 0, global_losses
 
-    def _check_labels(self, pairs):
-        # Class labels beyond the task's class count would be silently clipped
-        # by the vectorised loss; fail loudly instead (not under XLA, which
-        # cannot run assertions).
-        if self.jit_compile:
-            return
-        table = self.table
-        is_class = table.take(np.logical_not(table.is_regression), pairs.task_ids)
-        n = ops.cast(table.take(table.num_outputs, pairs.task_ids), "float32")
-        limit = ops.where(table.take(table.is_binary, pairs.task_ids), 2.0, n)
-        bad = ops.logical_and(is_class, pairs.labels[:, 0] >= limit)
-        tf.debugging.assert_equal(
-            ops.any(ops.logical_and(bad, pairs.weights > 0)),
-            False,
-            message=(
-                "A class label is >= its task's number of classes (num_outputs); check the "
-                "label encoding or the Task's num_outputs."
-            ),
-        )
-
     def _step(self, data, training):
         """The objective and the `StepContext` of one batch (train or test)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         pairs = self.make_pairs(x, y, sample_weight, training=training)
-        self._check_labels(pairs)
+        if not self.jit_compile:  # XLA cannot run assertions
+            assert_class_labels_in_range(pairs.labels, pairs.task_ids, pairs.weights, self.table)
         # Features kept apart from the heads: gradient methods take
         # per-task gradients there (see mtl_keras.weighting).
         features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)
@@ -439,7 +408,7 @@ class MultiTaskModel(keras.Model):
             objective, step = self._step(data, training=True)
             scaled = self.optimizer.scale_loss(objective)
             loss_scale = ops.stop_gradient(self.optimizer.scale_loss(ops.ones((), dtype=objective.dtype)))
-            # Scaled on the tape: weightings differentiate the regularisation on its own.
+            # On the tape: gradient methods take the regularisation's own gradient.
             regularization = None if step.regularization is None else step.regularization * loss_scale
             step = dataclasses.replace(step, regularization=regularization, loss_scale=loss_scale)
         variables = self.trainable_variables
@@ -502,10 +471,10 @@ class MultiTaskModel(keras.Model):
         config.update(
             backbone=keras.saving.serialize_keras_object(self.backbone),
             tasks=self.tasks.get_config(),
-            head_units=list(self.head_units),
-            head_activation=keras.activations.serialize(self.head_activation),
-            head_dropout=self.head_dropout,
-            head_regularizer=keras.regularizers.serialize(self.head_regularizer),
+            head_units=list(self.task_heads.hidden_units),
+            head_activation=keras.activations.serialize(self.task_heads.activation),
+            head_dropout=self.task_heads.dropout,
+            head_regularizer=keras.regularizers.serialize(self.task_heads.kernel_regularizer),
             tasks_per_step=self.tasks_per_step,
             task_sampling=self.task_sampling,
             weighting=keras.saving.serialize_keras_object(self.weighting),

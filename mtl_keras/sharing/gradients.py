@@ -33,7 +33,7 @@ import tensorflow as tf
 def _estimator_layout(model):
     """Shapes of one estimator's variables (identical for every head)."""
     heads_with_estimator = [h for h in model.heads if h.estimator_variables()]
-    if not model.head_units or not heads_with_estimator:
+    if not model.task_heads.hidden_units or not heads_with_estimator:
         raise ValueError(
             "Selective Sharing needs task heads with an estimator: build the MultiTaskModel "
             "with head_units=(...) non-empty (e.g. head_units=(128,)); with head_units=() a "
