@@ -108,11 +108,9 @@ class TaskHead(keras.layers.Layer):
         Used when Selective Sharing merges this task into a group whose
         estimator lives in another head.
         """
-        locked = self._tracker.locked
-        self._tracker.unlock()
+        # The list is Keras-tracked: clearing it also removes the layers (and
+        # their variables) from this layer's sublayers, built or not.
         self.estimator_layers.clear()
-        if locked:
-            self._tracker.lock()
 
     def estimator_variables(self):
         """The estimator's trainable variables, in layer order."""
