@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mtl_keras.backbones import conv_backbone, routing_layers, vgg_filters  # noqa: E402
-from mtl_keras.layers import TaskHead, TaskRouting, routing_masks  # noqa: E402
+from mtl_keras.layers import TaskHead, TaskHeads, TaskRouting, routing_masks  # noqa: E402
 from mtl_keras.metrics import PerTaskMean  # noqa: E402
 from mtl_keras.model import MultiTaskModel  # noqa: E402
 from mtl_keras.tasks import Task, TaskSet  # noqa: E402

@@ -330,6 +330,27 @@ def prepare_for_replicas(dataset, global_batch, strategy=None, training=False, p
     return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def num_replicas():
+    """Replicas in sync in the current replica context (1 outside a strategy)."""
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def all_reduce_sum(value):
+    """Sums a tensor over the replicas of the current step (identity with one replica)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def in_multi_worker_mode(strategy):
+    """Whether `strategy` is a `MultiWorkerMirroredStrategy` spanning several workers."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
 def distribute_dataset(dataset, strategy=None, policy="data"):
     """`strategy.experimental_distribute_dataset` of a globally batched dataset.
 

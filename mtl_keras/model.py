@@ -24,80 +24,30 @@ tasks come from segment sums over the pairs' task ids. Nothing in the step
 loops over tasks in Python, so its cost grows slowly with the task count.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src.utils.tracking import DotNotTrackScope
 
-from mtl_keras.layers.task_head import TaskHead, stacked_estimator_weights
+from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
+from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
-from mtl_keras.task_losses import TaskTable, gather_task_logits, pair_losses, pair_metrics, sanitize_labels
+from mtl_keras.optimizers import prune_optimizer
+from mtl_keras.step import Pairs, StepContext
+from mtl_keras.task_losses import (
+    TaskTable,
+    assert_class_labels_in_range,
+    pair_losses,
+    pair_metrics,
+    sanitize_labels,
+)
 from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
 
 TASK_SAMPLING = ("per_example", "per_batch")
 
-
-def _num_replicas():
-    ctx = tf.distribute.get_replica_context()
-    return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
-def _in_multi_worker_mode(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-        strategy.extended._in_multi_worker_mode()
-    )
-
-
-def _all_reduce_sum(value):
-    """Sums a tensor over replicas (identity with one replica)."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return value
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-
-def prune_optimizer(optimizer, keep_variables):
-    """Forgets the optimizer state of variables not in `keep_variables`.
-
-    Keras 3 optimizers keep one slot per variable they were built with (Adam's
-    momentum and velocity, EMA, gradient accumulators) in lists indexed by
-    the variable's position. After a merge drops estimator variables, their
-    slots would still be saved, and a `.keras` reload (whose optimizer is
-    built on the surviving variables only) could not match them. Removing
-    them keeps the surviving slots (same objects, same values) in the order a
-    fresh build on the surviving variables gives. No variable is created.
-    """
-    inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer
-    if inner is not None:
-        prune_optimizer(inner, keep_variables)
-    if not getattr(optimizer, "built", False):
-        return
-    old = list(optimizer._trainable_variables)
-    keep_keys = {optimizer._var_key(v) for v in keep_variables}
-    kept = [i for i, v in enumerate(old) if optimizer._var_key(v) in keep_keys]
-    if len(kept) == len(old):
-        return
-    removed = set()
-    originally_tracked = list(optimizer._variables)
-    with DotNotTrackScope():  # Keras' tracker must not re-collect what we set
-        for name, value in list(vars(optimizer).items()):
-            if name in ("_trainable_variables", "_variables") or not isinstance(value, list):
-                continue
-            if len(value) != len(old) or not all(x is None or isinstance(x, keras.Variable) for x in value):
-                continue
-            removed.update(id(x) for i, x in enumerate(value) if i not in set(kept) and x is not None)
-            setattr(optimizer, name, [value[i] for i in kept])
-        survivors = [old[i] for i in kept]
-        optimizer._trainable_variables = survivors
-        # A new list rather than deleting from the old one: TensorFlow refuses
-        # to save (SavedModel export) a tracked list that had items deleted.
-        optimizer._variables = [v for v in originally_tracked if id(v) not in removed]
-    optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(survivors)}
-    store = optimizer._variables
-    optimizer._tracker.config["variables"] = (optimizer._tracker.config["variables"][0], store)
-    optimizer._tracker.stored_ids["variables"] = {id(v) for v in store}
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class MultiTaskModel(keras.Model):
@@ -108,7 +58,8 @@ class MultiTaskModel(keras.Model):
             `task` input only when it routes, see `backbones.conv_backbone`)
             to features `[batch, features]`.
         tasks: a `TaskSet` (or list of `Task`s); task ids index into it.
-        head_units: widths of each `TaskHead`'s estimator.
+        head_units: widths of each `TaskHead`'s estimator; the heads are a
+            `TaskHeads` layer, `model.task_heads`.
         head_activation: activation of the estimators.
         head_dropout: dropout after each estimator layer.
         head_regularizer: optional kernel regularizer of the heads.
@@ -157,10 +108,6 @@ class MultiTaskModel(keras.Model):
             raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, got {task_sampling!r}.")
         self.tasks_per_step = tasks_per_step
         self.task_sampling = task_sampling
-        self.head_units = tuple(int(u) for u in head_units)
-        self.head_activation = keras.activations.get(head_activation)
-        self.head_dropout = float(head_dropout)
-        self.head_regularizer = keras.regularizers.get(head_regularizer)
         self.seed = seed
 
         self.backbone = backbone
@@ -173,24 +120,18 @@ class MultiTaskModel(keras.Model):
                 f"feature size; got {backbone.outputs[0].shape}. End it with pooling or Flatten."
             )
 
-        owners = list(range(num_tasks)) if estimator_of_task is None else [int(o) for o in estimator_of_task]
-        self._check_owners(owners)
-        self.estimator_of_task = owners
-        self.heads = [
-            TaskHead(
-                task.num_outputs,
-                hidden_units=self.head_units,
-                activation=head_activation,
-                dropout=0.0,  # applied by the model, once for all heads
-                has_estimator=owners[i] == i,
-                kernel_regularizer=self.head_regularizer,
-                name=f"head_{i}",
-            )
-            for i, task in enumerate(self.tasks)
-        ]
-        for head in self.heads:
-            head.build((None, feature_dim))
-        self.dropout_layer = keras.layers.Dropout(self.head_dropout) if self.head_dropout else None
+        # Assigned before the weighting: the optimizer's slots (and so its
+        # saved state) follow the order of the trainable variables.
+        self.task_heads = TaskHeads(
+            self.tasks,
+            hidden_units=head_units,
+            activation=head_activation,
+            dropout=head_dropout,
+            kernel_regularizer=head_regularizer,
+            estimator_of_task=estimator_of_task,
+            name="task_heads",
+        )
+        self.task_heads.build((None, feature_dim))
 
         self.weighting = get_weighting(weighting)
         self.weighting.build(num_tasks)
@@ -205,42 +146,43 @@ class MultiTaskModel(keras.Model):
         self.gradient_observers = []
         self.built = True
 
-    # ------------------------------------------------------------------ groups
-    def _check_owners(self, owners):
-        n = len(self.tasks)
-        if len(owners) != n:
-            raise ValueError(f"estimator_of_task needs one entry per task ({n}), got {len(owners)}.")
-        for t, o in enumerate(owners):
-            if not 0 <= o < n:
-                raise ValueError(f"estimator_of_task[{t}] = {o} is not a task index in [0, {n}).")
-            if owners[o] != o:
-                raise ValueError(
-                    f"estimator_of_task[{t}] = {o}, but task {o} itself uses the estimator of "
-                    f"task {owners[o]}: an owner must use its own estimator."
-                )
+    # ------------------------------------------------------------------ heads
+    @property
+    def heads(self):
+        """The `TaskHead` of each task (owned by `task_heads`).
+
+        Also where `.keras` files keep the heads' weights: Keras saves every
+        object under the first attribute path it meets walking the model's
+        attributes in sorted order, and `heads` sorts before `layers` and
+        `task_heads`, so the weights stay at `heads/task_head[_i]/...`, where
+        files written before `TaskHeads` existed have them
+        (tests/test_legacy_files.py, tests/test_model.py).
+        """
+        return self.task_heads.heads
+
+    @property
+    def estimator_of_task(self):
+        """For each task, the index of the head whose estimator it uses."""
+        return self.task_heads.estimator_of_task
 
     @property
     def estimator_owners(self):
         """Sorted indices of the tasks whose heads hold an estimator."""
-        return sorted(set(self.estimator_of_task))
+        return self.task_heads.estimator_owners
 
     @property
     def task_groups(self):
         """The groups of tasks sharing one estimator: `{owner: [task ids]}`."""
-        groups = {}
-        for t, o in enumerate(self.estimator_of_task):
-            groups.setdefault(o, []).append(t)
-        return groups
+        return self.task_heads.task_groups
 
     def set_estimator_of_task(self, estimator_of_task):
         """Regroups the heads: task t will use the estimator of head `estimator_of_task[t]`.
 
-        Estimators no longer used by any task are dropped with their
-        variables; no variable is created, so the optimizer (built on the
-        original variables) goes on with the surviving weights' state. A task
-        cannot get back an estimator once it was dropped. Compiled step
-        functions are rebuilt at their next use, so this is safe to call from
-        a callback during `fit()`.
+        See `TaskHeads.set_estimator_of_task`. The optimizer (built on the
+        original variables) goes on with the surviving weights' state and
+        forgets the dropped ones'. Compiled step functions are rebuilt at
+        their next use, so this is safe to call from a callback during
+        `fit()`.
 
         Args:
             estimator_of_task: list with one head index per task.
@@ -248,19 +190,7 @@ class MultiTaskModel(keras.Model):
         Returns:
             The list of head indices whose estimators were dropped.
         """
-        owners = [int(o) for o in estimator_of_task]
-        self._check_owners(owners)
-        for o in sorted(set(owners)):
-            if not self.heads[o].has_estimator:
-                users = [t for t, u in enumerate(owners) if u == o]
-                raise ValueError(
-                    f"Tasks {users} cannot use head {o}'s estimator: it was dropped earlier "
-                    "(merges are final; group them under a head that still has its estimator)."
-                )
-        dropped = [i for i in self.estimator_owners if i not in set(owners)]
-        for i in dropped:
-            self.heads[i].drop_estimator()
-        self.estimator_of_task = owners
+        dropped = self.task_heads.set_estimator_of_task(estimator_of_task)
         if dropped and self.optimizer is not None:
             prune_optimizer(self.optimizer, self.trainable_variables)
         if self.train_function is not None:
@@ -299,28 +229,9 @@ class MultiTaskModel(keras.Model):
             training: whether dropout is active.
 
         Returns:
-            `[P, max_outputs]` logits (see `task_losses.gather_task_logits`).
+            `[P, max_outputs]` logits (see `TaskHeads`).
         """
-        h = ops.cast(features, "float32")
-        owners = self.estimator_owners
-        if self.head_units:
-            slot_of_owner = {o: i for i, o in enumerate(owners)}
-            slot_of_task = np.array([slot_of_owner[o] for o in self.estimator_of_task], "int32")
-            slot = ops.take(ops.convert_to_tensor(slot_of_task), task_ids)
-            for kernels, biases in stacked_estimator_weights(self.heads, owners):
-                # One gathered kernel per pair: [P, in, out], then a batched matvec.
-                h = ops.einsum("pi,pio->po", h, ops.take(kernels, slot, axis=0))
-                h = self.head_activation(h + ops.take(biases, slot, axis=0))
-                if self.dropout_layer is not None:
-                    h = self.dropout_layer(h, training=training)
-        out_kernel = ops.concatenate(
-            [hd.output_layer.kernel.value for hd in self.heads], axis=1
-        )
-        out_bias = ops.concatenate(
-            [hd.output_layer.bias.value for hd in self.heads], axis=0
-        )
-        all_logits = ops.matmul(h, out_kernel) + out_bias
-        return gather_task_logits(all_logits, task_ids, self.table)
+        return self.task_heads(features, task_ids, training=training)
 
     def call(self, inputs, training=False):
         """Logits `[B, max_outputs]` of each example's task (inputs with a
@@ -333,7 +244,8 @@ class MultiTaskModel(keras.Model):
         batch = ops.shape(next(iter(images.values())))[0]
         num_tasks = len(self.tasks)
         rows, task_ids = self._all_task_pairs(batch)
-        logits = self._pairs_forward(images, rows, task_ids, training)
+        features = self._pairs_features(images, rows, task_ids, training)
+        logits = self.heads_forward(features, task_ids, training)
         return ops.reshape(logits, (batch, num_tasks, self.table.max_outputs))
 
     def _all_task_pairs(self, batch):
@@ -352,18 +264,12 @@ class MultiTaskModel(keras.Model):
         # The trunk does not depend on the task: run it once per example.
         return ops.take(self._features(images, None, training), rows, axis=0)
 
-    def _pairs_forward(self, images, rows, task_ids, training):
-        return self.heads_forward(self._pairs_features(images, rows, task_ids, training), task_ids, training)
-
     # ------------------------------------------------------------------- pairs
     def make_pairs(self, x, y, sample_weight=None, training=False):
         """Flattens a batch into (example, task) pairs.
 
         Returns:
-            A dict with `images` (the image inputs), `rows` (`[P]` example of
-            each pair, or None when pairs are examples), `task_ids` `[P]`,
-            `labels` `[P, label_width]` and `weights` `[P]` (0 for missing
-            labels).
+            A `Pairs` (see `mtl_keras.step`).
         """
         images = self._image_inputs(x)
         table = self.table
@@ -373,7 +279,7 @@ class MultiTaskModel(keras.Model):
             weights = ops.cast(present, "float32")
             if sample_weight is not None:
                 weights = weights * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
-            return dict(images=images, rows=None, task_ids=task_ids, labels=labels, weights=weights)
+            return Pairs(images=images, rows=None, task_ids=task_ids, labels=labels, weights=weights)
 
         num_tasks = len(self.tasks)
         y = ops.cast(y, "float32")
@@ -417,7 +323,7 @@ class MultiTaskModel(keras.Model):
             weights = ops.reshape(ops.take_along_axis(avail_w, chosen, axis=1), (-1,))
         labels, present = sanitize_labels(labels, task_ids, table)
         weights = weights * ops.cast(present, "float32")
-        return dict(images=images, rows=rows, task_ids=task_ids, labels=labels, weights=weights)
+        return Pairs(images=images, rows=rows, task_ids=task_ids, labels=labels, weights=weights)
 
     # ------------------------------------------------------------------ losses
     def task_losses(self, losses, task_ids, weights):
@@ -435,74 +341,60 @@ class MultiTaskModel(keras.Model):
         num_tasks = len(self.tasks)
         local_sum = ops.segment_sum(losses * weights, task_ids, num_segments=num_tasks)
         local_count = ops.segment_sum(weights, task_ids, num_segments=num_tasks)
-        global_count = _all_reduce_sum(local_count)
+        global_count = all_reduce_sum(local_count)
         shares = local_sum / ops.maximum(global_count, 1e-12)
-        global_losses = _all_reduce_sum(ops.stop_gradient(shares))
+        global_losses = all_reduce_sum(ops.stop_gradient(shares))
         return shares, global_count > 0, global_losses
 
-    def _check_labels(self, pairs):
-        # Class labels beyond the task's class count would be silently clipped
-        # by the vectorised loss; fail loudly instead (not under XLA, which
-        # cannot run assertions).
-        if self.jit_compile:
-            return
-        table = self.table
-        is_class = table.take(np.logical_not(table.is_regression), pairs["task_ids"])
-        n = ops.cast(table.take(table.num_outputs, pairs["task_ids"]), "float32")
-        limit = ops.where(table.take(table.is_binary, pairs["task_ids"]), 2.0, n)
-        bad = ops.logical_and(is_class, pairs["labels"][:, 0] >= limit)
-        tf.debugging.assert_equal(
-            ops.any(ops.logical_and(bad, pairs["weights"] > 0)),
-            False,
-            message=(
-                "A class label is >= its task's number of classes (num_outputs); check the "
-                "label encoding or the Task's num_outputs."
-            ),
-        )
-
     def _step(self, data, training):
+        """The objective and the `StepContext` of one batch (train or test)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         pairs = self.make_pairs(x, y, sample_weight, training=training)
-        self._check_labels(pairs)
-        task_ids, weights, labels = pairs["task_ids"], pairs["weights"], pairs["labels"]
+        if not self.jit_compile:  # XLA cannot run assertions
+            assert_class_labels_in_range(pairs.labels, pairs.task_ids, pairs.weights, self.table)
         # Features kept apart from the heads: gradient methods take
         # per-task gradients there (see mtl_keras.weighting).
-        features = self._pairs_features(pairs["images"], pairs["rows"], task_ids, training)
-        logits = self.heads_forward(features, task_ids, training)
-        losses = pair_losses(logits, labels, task_ids, self.table)
-        shares, present, global_losses = self.task_losses(losses, task_ids, weights)
+        features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)
+        logits = self.heads_forward(features, pairs.task_ids, training)
+        losses = pair_losses(logits, pairs.labels, pairs.task_ids, self.table)
+        shares, present, global_losses = self.task_losses(losses, pairs.task_ids, pairs.weights)
         task_weights = ops.convert_to_tensor(self.table.weights)
         objective = self.weighting.combine(shares, present, task_weights, global_losses)
         regularization = None
         if self.losses:
-            regularization = ops.sum(self.losses) / _num_replicas()
+            regularization = ops.sum(self.losses) / num_replicas()
             objective = objective + regularization
-        out = dict(
+        step = StepContext(
             pairs=pairs,
             logits=logits,
             losses=losses,
             features=features,
-            task_ids=task_ids,
             task_losses=shares,
             present=present,
             task_weights=task_weights,
             global_task_losses=global_losses,
             regularization=regularization,
+            loss_scale=ops.ones((), dtype=objective.dtype),
+            iteration=self.optimizer.iterations if training else None,
+            num_replicas=num_replicas(),
+            backbone=self.backbone,
+            features_fn=lambda images, task_ids: self._features(
+                images, task_ids if self.routed else None, training
+            ),
         )
-        return objective, out
+        return objective, step
 
-    def _update_metrics(self, objective, out):
-        pairs = out["pairs"]
-        task_ids, weights = pairs["task_ids"], pairs["weights"]
+    def _update_metrics(self, objective, step):
+        pairs = step.pairs
         if self._loss_tracker is not None:
             # The tracker averages over replicas; each replica holds a share.
-            self._loss_tracker.update_state(objective * _num_replicas())
-        self.task_loss_tracker.update_state(out["losses"], task_ids, weights)
-        values = pair_metrics(out["logits"], pairs["labels"], task_ids, self.table)
+            self._loss_tracker.update_state(objective * num_replicas())
+        self.task_loss_tracker.update_state(step.losses, pairs.task_ids, pairs.weights)
+        values = pair_metrics(step.logits, pairs.labels, pairs.task_ids, self.table)
         for tracker in self.task_metric_trackers:
-            tracker.update_state(values[tracker.metric], task_ids, weights)
+            tracker.update_state(values[tracker.metric], pairs.task_ids, pairs.weights)
         logs = self.get_metrics_result()
-        if _in_multi_worker_mode(self.distribute_strategy):
+        if in_multi_worker_mode(self.distribute_strategy):
             # Keras' TF trainer reduces each log with `strategy.reduce("MEAN",
             # v, axis=0)` across workers, which rejects scalars
             # (keras-team/keras#20585); rank-1 logs come back as scalars.
@@ -513,34 +405,24 @@ class MultiTaskModel(keras.Model):
         weighting = self.weighting
         # Gradient methods use the tape more than once (heads, then per-task trunk gradients).
         with tf.GradientTape(persistent=weighting.needs_task_gradients) as tape:
-            objective, out = self._step(data, training=True)
+            objective, step = self._step(data, training=True)
             scaled = self.optimizer.scale_loss(objective)
-            loss_scale = self.optimizer.scale_loss(ops.ones((), dtype=objective.dtype))
-            if out["regularization"] is not None:
-                out["regularization"] = out["regularization"] * loss_scale
+            loss_scale = ops.stop_gradient(self.optimizer.scale_loss(ops.ones((), dtype=objective.dtype)))
+            # On the tape: gradient methods take the regularisation's own gradient.
+            regularization = None if step.regularization is None else step.regularization * loss_scale
+            step = dataclasses.replace(step, regularization=regularization, loss_scale=loss_scale)
         variables = self.trainable_variables
-        step = dict(
-            out,
-            backbone=self.backbone,
-            shared_variables=self.backbone.trainable_variables,
-            features_fn=lambda images, task_ids: self._features(
-                images, task_ids if self.routed else None, True
-            ),
-            loss_scale=ops.stop_gradient(loss_scale),
-            iteration=self.optimizer.iterations,
-            num_replicas=_num_replicas(),
-        )
         grads = weighting.compute_gradients(tape, scaled, variables, step)
         del tape
         for observer in self.gradient_observers:
-            observer(variables, grads, out)
+            observer(variables, grads, step)
         self.optimizer.apply(grads, variables)
         weighting.end_train_step(step)
-        return self._update_metrics(objective, out)
+        return self._update_metrics(objective, step)
 
     def test_step(self, data):
-        objective, out = self._step(data, training=False)
-        return self._update_metrics(objective, out)
+        objective, step = self._step(data, training=False)
+        return self._update_metrics(objective, step)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Every variable exists after __init__ and compile(), so there is
@@ -582,17 +464,17 @@ class MultiTaskModel(keras.Model):
     # ------------------------------------------------------------------ config
     def head_parameter_count(self):
         """Parameters of the heads (estimators and output layers)."""
-        return int(sum(np.prod(v.shape) for h in self.heads for v in h.weights))
+        return int(self.task_heads.count_params())
 
     def get_config(self):
         config = super().get_config()
         config.update(
             backbone=keras.saving.serialize_keras_object(self.backbone),
             tasks=self.tasks.get_config(),
-            head_units=list(self.head_units),
-            head_activation=keras.activations.serialize(self.head_activation),
-            head_dropout=self.head_dropout,
-            head_regularizer=keras.regularizers.serialize(self.head_regularizer),
+            head_units=list(self.task_heads.hidden_units),
+            head_activation=keras.activations.serialize(self.task_heads.activation),
+            head_dropout=self.task_heads.dropout,
+            head_regularizer=keras.regularizers.serialize(self.task_heads.kernel_regularizer),
             tasks_per_step=self.tasks_per_step,
             task_sampling=self.task_sampling,
             weighting=keras.saving.serialize_keras_object(self.weighting),

@@ -7,6 +7,7 @@ loop over tasks is traced into the step.
 """
 
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from mtl_keras.tasks import LOSSES
@@ -85,6 +86,32 @@ def sanitize_labels(labels, task_ids, table):
     labels = ops.where(ops.isfinite(labels), labels, 0.0)
     labels = ops.where(present[:, None], labels, 0.0)
     return labels, present
+
+
+def assert_class_labels_in_range(labels, task_ids, weights, table):
+    """Fails when a weighted pair's class label is >= its task's class count.
+
+    The vectorised loss would clip such a label silently; this makes it an
+    `InvalidArgumentError` naming the cause (a graph assertion: not for XLA).
+
+    Args:
+        labels: `[P, label_width]` from `sanitize_labels`.
+        task_ids: `[P]` int32.
+        weights: `[P]`; pairs of weight 0 (missing labels) are not checked.
+        table: the `TaskTable`.
+    """
+    is_class = table.take(np.logical_not(table.is_regression), task_ids)
+    n = ops.cast(table.take(table.num_outputs, task_ids), "float32")
+    limit = ops.where(table.take(table.is_binary, task_ids), 2.0, n)
+    bad = ops.logical_and(is_class, labels[:, 0] >= limit)
+    tf.debugging.assert_equal(
+        ops.any(ops.logical_and(bad, weights > 0)),
+        False,
+        message=(
+            "A class label is >= its task's number of classes (num_outputs); check the "
+            "label encoding or the Task's num_outputs."
+        ),
+    )
 
 
 def pair_losses(logits, labels, task_ids, table):

@@ -7,7 +7,6 @@ integer *task id*, the value examples carry in their `task` input.
 """
 
 import dataclasses
-import json
 from typing import Iterable, Sequence
 
 KINDS = ("multiclass", "binary", "regression")
@@ -191,10 +190,3 @@ class TaskSet(Sequence):
     @classmethod
     def from_config(cls, config):
         return cls(config)
-
-    def to_json(self):
-        return json.dumps(self.get_config())
-
-    def subset(self, names_or_ids: Sequence):
-        """A new TaskSet of the given tasks, in the given order."""
-        return TaskSet([self[k] for k in names_or_ids])

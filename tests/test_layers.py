@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_keras.layers import TaskHead, TaskRouting, routing_masks
+from mtl_keras import Task, TaskSet
+from mtl_keras.layers import TaskHead, TaskHeads, TaskRouting, routing_masks
 
 
 # ------------------------------------------------------------------ masks
@@ -165,3 +166,85 @@ def test_task_head_rejects_bad_settings():
         TaskHead(3, hidden_units=(0,))
     with pytest.raises(ValueError, match="dropout"):
         TaskHead(3, dropout=1.0)
+
+
+# ------------------------------------------------------------------- heads
+def head_tasks():
+    return TaskSet([Task("a", "multiclass", 5), Task("b", "binary", 1), Task("c", "multiclass", 3),
+                    Task("d", "regression", 2)])
+
+
+def test_task_heads_pass_equals_each_pair_through_its_own_head_before_and_after_a_merge():
+    heads = TaskHeads(head_tasks(), hidden_units=(6, 4), name="heads")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(8, 10)).astype("float32")
+    task_ids = np.arange(8, dtype="int32") % 4
+    logits = keras.ops.convert_to_numpy(heads(features, task_ids))
+    assert logits.shape == (8, 5) and heads.compute_output_shape((8, 10)) == (8, 5)
+    for i, t in enumerate(task_ids):
+        alone = keras.ops.convert_to_numpy(heads.heads[t](features[i : i + 1]))[0]
+        n = heads.tasks[int(t)].num_outputs
+        np.testing.assert_allclose(logits[i, :n], alone, atol=1e-5)
+        if heads.tasks[int(t)].kind == "multiclass":
+            assert np.all(logits[i, n:] <= -1e8)
+    params = heads.count_params()
+    assert heads.set_estimator_of_task([0, 0, 2, 0]) == [1, 3]
+    assert heads.estimator_owners == [0, 2] and heads.task_groups == {0: [0, 1, 3], 2: [2]}
+    assert heads.count_params() == params - 2 * (10 * 6 + 6 + 6 * 4 + 4)
+    merged = keras.ops.convert_to_numpy(heads(features, task_ids))
+    for i, t in enumerate(task_ids):
+        owner = heads.heads[heads.estimator_of_task[t]]
+        alone = keras.ops.convert_to_numpy(heads.heads[t].output_layer(owner.estimate(features[i : i + 1])))[0]
+        np.testing.assert_allclose(merged[i, : heads.tasks[int(t)].num_outputs], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="dropped earlier"):
+        heads.set_estimator_of_task([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="an owner must use its own estimator"):
+        heads.set_estimator_of_task([2, 0, 2, 0])
+    with pytest.raises(ValueError, match="one entry per task"):
+        heads.set_estimator_of_task([0, 0, 2])
+    assert heads.estimator_of_task == [0, 0, 2, 0]  # a refused regrouping changes nothing
+
+
+def test_task_heads_own_the_dropout_and_their_heads_have_none():
+    heads = TaskHeads(head_tasks(), hidden_units=(64,), dropout=0.5)
+    features = np.ones((16, 8), "float32")
+    task_ids = np.zeros(16, "int32")
+    assert all(head.dropout == 0.0 and head.dropout_layer is None for head in heads.heads)
+    inference = keras.ops.convert_to_numpy(heads(features, task_ids))
+    np.testing.assert_allclose(inference, keras.ops.convert_to_numpy(heads(features, task_ids)))
+    np.testing.assert_allclose(inference[0], keras.ops.convert_to_numpy(heads.heads[0](features[:1]))[0], atol=1e-5)
+    training = keras.ops.convert_to_numpy(heads(features, task_ids, training=True))
+    # Identical pairs get their own dropout masks.
+    assert not np.allclose(training, inference) and len({tuple(r) for r in np.round(training, 5)}) > 1
+    with pytest.raises(ValueError, match="dropout"):
+        TaskHeads(head_tasks(), dropout=1.0)
+
+
+def test_task_heads_compute_float32_logits_under_mixed_precision():
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        heads = TaskHeads(head_tasks(), hidden_units=(4,))
+        out = heads(np.ones((3, 6), "float16"), np.array([0, 1, 2], "int32"))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert all(v.dtype == "float32" for v in heads.weights)
+
+
+def test_task_heads_keras_roundtrip_keeps_the_merged_grouping(tmp_path):
+    features = keras.Input((10,), name="features")
+    task = keras.Input((), dtype="int32", name="task")
+    heads = TaskHeads(head_tasks(), hidden_units=(6,), dropout=0.2, kernel_regularizer="l2", name="heads")
+    model = keras.Model({"features": features, "task": task}, heads(features, task))
+    heads.set_estimator_of_task([0, 0, 2, 2])
+    data = {"features": np.random.default_rng(1).normal(size=(8, 10)).astype("float32"),
+            "task": np.arange(8, dtype="int32") % 4}
+    before = model.predict(data, verbose=0)
+    model.save(tmp_path / "heads.keras")
+    loaded = keras.models.load_model(tmp_path / "heads.keras")
+    clone = loaded.get_layer("heads")
+    assert isinstance(clone, TaskHeads) and clone.estimator_of_task == [0, 0, 2, 2]
+    assert [h.has_estimator for h in clone.heads] == [True, False, True, False]
+    assert clone.dropout == 0.2 and clone.get_config() == heads.get_config()
+    np.testing.assert_allclose(loaded.predict(data, verbose=0), before, atol=1e-6)

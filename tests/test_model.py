@@ -1,3 +1,8 @@
+import io
+import zipfile
+from pathlib import Path
+
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -152,12 +157,12 @@ def test_tasks_per_step_sampling_picks_k_labelled_tasks(sampling):
     x, y = multi_label_batch()
     y[:, 5] = np.nan  # never labelled: never sampled while others are
     pairs = model.make_pairs({"image": x}, y, training=True)
-    ids = keras.ops.convert_to_numpy(pairs["task_ids"]).reshape(16, 2)
+    ids = keras.ops.convert_to_numpy(pairs.task_ids).reshape(16, 2)
     assert not np.any(ids == 5)
     assert all(len(set(r)) == 2 for r in ids)
     if sampling == "per_batch":
         assert all(set(r) == set(ids[0]) for r in ids)
-    w = keras.ops.convert_to_numpy(pairs["weights"]).reshape(16, 2)
+    w = keras.ops.convert_to_numpy(pairs.weights).reshape(16, 2)
     np.testing.assert_array_equal(w > 0, ~np.isnan(np.take_along_axis(y, ids, axis=1)))
     model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0)
 
@@ -283,3 +288,29 @@ def test_merge_prunes_dropped_optimizer_state_and_reload_restores_the_rest(tmp_p
     loaded.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _weight_datasets(keras_file):
+    """`{path: shape}` of every array in a `.keras` file's weights."""
+    found = {}
+    with zipfile.ZipFile(keras_file) as archive:
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+            weights.visititems(lambda name, obj: found.update({name: obj.shape}) if hasattr(obj, "shape") else None)
+    return found
+
+
+def test_keras_file_keeps_the_weight_layout_of_files_saved_before_task_heads(tmp_path):
+    legacy = Path(__file__).parent / "fixtures" / "legacy_v0_1"
+    model = keras.saving.load_model(legacy / "model.keras")
+    model.save(tmp_path / "resaved.keras")
+    # The same arrays at the same paths (heads/task_head_i/..., optimizer/vars/i).
+    layout = _weight_datasets(tmp_path / "resaved.keras")
+    assert layout == _weight_datasets(legacy / "model.keras")
+    assert "heads/task_head_1/output_layer/vars/0" in layout
+    assert not any(p.startswith(("task_heads", "layers/task_heads")) for p in layout)
+    reloaded = keras.saving.load_model(tmp_path / "resaved.keras")
+    with np.load(legacy / "expected.npz") as expected:
+        probe = {"image": expected["image"], "task": expected["task"]}
+        np.testing.assert_allclose(np.asarray(reloaded(probe)), expected["logits"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(model.optimizer.variables, reloaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -99,10 +99,10 @@ def captured_step(model, batch):
     """Runs one eager train step and returns (variables, gradients) as numpy."""
     seen = {}
 
-    def observer(variables, grads, out):
+    def observer(variables, grads, step):
         seen["vars"] = [v.path for v in variables]
         seen["grads"] = [None if g is None else np_(g) for g in grads]
-        seen["out"] = out
+        seen["step"] = step
 
     model.gradient_observers.append(observer)
     model.train_step(batch)
@@ -136,23 +136,24 @@ def test_pcgrad_step_combines_exact_per_task_trunk_gradients(route, batch_norm, 
     # Reference: one ordinary backward pass per task.
     with tf.GradientTape(persistent=True) as tape:
         _, out = model._step((x, y), training=True)
-        weighted = [out["task_losses"][t] * tasks[t].weight for t in range(4)]
+        weighted = [out.task_losses[t] * tasks[t].weight for t in range(4)]
     per_task = []
     for t in range(4):
         g = tape.gradient(weighted[t], trunk, unconnected_gradients="zero")
         per_task.append(np.concatenate([np.ravel(np_(gi)) for gi in g]))
     assert not np.any(per_task[2]) and np.any(per_task[1])
     iteration = int(model.optimizer.iterations.numpy())
-    expected = np_(pcgrad_combine(tf.constant(np.stack(per_task), tf.float32), out["present"], 0, iteration))
+    expected = np_(pcgrad_combine(tf.constant(np.stack(per_task), tf.float32), out.present, 0, iteration))
     seen = captured_step(model, (x, y))
     trunk_paths = {v.path for v in trunk}
     got = np.concatenate([np.ravel(g) for p, g in zip(seen["vars"], seen["grads"]) if p in trunk_paths])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     # The absent task's head gets nothing; present heads get their gradients.
+    assert {2, 1} <= {int(p.split("/")[1][len("head_"):]) for p in seen["vars"] if p.startswith("task_heads/")}
     for p, g in zip(seen["vars"], seen["grads"]):
-        if p.startswith("head_2/"):
+        if p.startswith("task_heads/head_2/"):
             assert g is None or not np.any(g), p
-        if p.startswith("head_1/"):
+        if p.startswith("task_heads/head_1/"):
             assert g is not None and np.any(g), p
 
 
@@ -348,9 +349,9 @@ def feature_grad_norms(model, batch):
     """Each task's |grad w.r.t. the features of w_t weight_t L_t|."""
     with tf.GradientTape() as tape:
         _, out = model._step(batch, training=False)
-        weighted = keras.ops.sum(out["task_losses"] * out["task_weights"] * model.weighting.loss_weights)
-    g = tape.gradient(weighted, out["features"])
-    sq = tf.math.unsorted_segment_sum(tf.reduce_sum(g**2, axis=1), out["task_ids"], 2)
+        weighted = keras.ops.sum(out.task_losses * out.task_weights * model.weighting.loss_weights)
+    g = tape.gradient(weighted, out.features)
+    sq = tf.math.unsorted_segment_sum(tf.reduce_sum(g**2, axis=1), out.pairs.task_ids, 2)
     return np.sqrt(np_(sq))
 
 

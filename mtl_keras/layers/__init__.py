@@ -1,4 +1,5 @@
 """Custom Keras layers of mtl-keras."""
 
 from mtl_keras.layers.task_head import TaskHead
+from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.layers.task_routing import TaskRouting, routing_masks

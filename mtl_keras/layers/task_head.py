@@ -1,7 +1,6 @@
 """TaskHead: a task's estimator (identical across tasks) and its own output layer."""
 
 import keras
-from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -11,8 +10,8 @@ class TaskHead(keras.layers.Layer):
     The estimator is a stack of `Dense` layers with the same shape for every
     task (`hidden_units`), so the estimators of different tasks are
     interchangeable: Selective Sharing lets a group of tasks use one
-    estimator (`drop_estimator` removes a head's own; the model then feeds it
-    the features of the group's estimator) while every task keeps its own
+    estimator (`drop_estimator` removes a head's own; `TaskHeads` then feeds
+    it the features of the group's estimator) while every task keeps its own
     output layer of `num_outputs` units, since output sizes differ.
 
     Args:
@@ -91,7 +90,7 @@ class TaskHead(keras.layers.Layer):
         if not self.has_estimator:
             raise ValueError(
                 f"TaskHead {self.name!r} shares another head's estimator (its own was dropped "
-                "by a merge); run it through the MultiTaskModel, which routes it to its group."
+                "by a merge); run it through its TaskHeads, which routes it to its group's estimator."
             )
         x = inputs
         for layer in self.estimator_layers:
@@ -109,11 +108,9 @@ class TaskHead(keras.layers.Layer):
         Used when Selective Sharing merges this task into a group whose
         estimator lives in another head.
         """
-        locked = self._tracker.locked
-        self._tracker.unlock()
+        # The list is Keras-tracked: clearing it also removes the layers (and
+        # their variables) from this layer's sublayers, built or not.
         self.estimator_layers.clear()
-        if locked:
-            self._tracker.lock()
 
     def estimator_variables(self):
         """The estimator's trainable variables, in layer order."""
@@ -134,23 +131,3 @@ class TaskHead(keras.layers.Layer):
         )
         return config
 
-
-def stacked_estimator_weights(heads, owners):
-    """Kernels and biases of the given heads' estimators, stacked per layer.
-
-    Args:
-        heads: the model's `TaskHead`s.
-        owners: indices of the heads whose estimators to stack.
-
-    Returns:
-        A list with one `(kernels [E, in, out], biases [E, out])` pair per
-        estimator layer.
-    """
-    depth = len(heads[owners[0]].estimator_layers)
-    return [
-        (
-            ops.stack([heads[o].estimator_layers[l].kernel.value for o in owners]),
-            ops.stack([heads[o].estimator_layers[l].bias.value for o in owners]),
-        )
-        for l in range(depth)
-    ]

@@ -151,11 +151,6 @@ class TaskRouting(keras.layers.Layer):
         """The `[num_tasks, channels]` masks as a numpy array."""
         return keras.ops.convert_to_numpy(self.mask_weight)
 
-    @property
-    def is_identity(self):
-        """True when every task keeps every unit (the layer changes nothing)."""
-        return self.sigma == 1.0
-
     def call(self, inputs, task_ids):
         task_ids = ops.cast(ops.reshape(task_ids, (-1,)), "int32")
         mask = ops.take(ops.cast(self.mask_weight, inputs.dtype), task_ids, axis=0)

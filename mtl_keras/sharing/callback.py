@@ -62,6 +62,7 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from mtl_keras.sharing.gradients import GradientCollector
 from mtl_keras.sharing.grouping import CLUSTERERS, FACTORIZERS, SIGNALS, get_rule, group_units
@@ -232,8 +233,6 @@ class SelectiveSharing(keras.callbacks.Callback):
             # traced, never inside it.
             self.collector = GradientCollector(self.model)
         if self.log_dir and self._writer is None:
-            import tensorflow as tf
-
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "sharing"))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -287,7 +286,8 @@ class SelectiveSharing(keras.callbacks.Callback):
         names = list(model.tasks.names)
         sums, counts, steps = self.collector.read()
         owners = model.estimator_owners
-        unit_tasks = [[t for t, o in enumerate(model.estimator_of_task) if o == owner] for owner in owners]
+        groups = model.task_groups
+        unit_tasks = [groups[o] for o in owners]
         evidence = [float(sum(counts[t] for t in ts)) for ts in unit_tasks]
         rows = [
             u for u, o in enumerate(owners)
@@ -339,7 +339,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         unit_names = [names[owners[u]] for u in rows]
         record.update(
             merged=bool(dropped),
-            groups=[[names[t] for t in ts] for ts in _groups_of(model.estimator_of_task)],
+            groups=[[names[t] for t in ts] for _, ts in sorted(model.task_groups.items())],
             kept=kept,
             dropped_estimators=[names[i] for i in dropped],
             estimator_of_task=list(model.estimator_of_task),
@@ -379,8 +379,6 @@ class SelectiveSharing(keras.callbacks.Callback):
             with open(os.path.join(self.plot_dir, f"sharing_epoch{n:03d}.png"), "wb") as f:
                 f.write(png)
         if self._writer is not None:
-            import tensorflow as tf
-
             lines = [f"**epoch {n}**, rule `{self.rule_name}`, {steps} steps of evidence, "
                      f"{record['n_clusters']} clusters, parameters {record['parameters_before']} -> "
                      f"{record['parameters_after']}", "", "| estimator | tasks |", "|---|---|"]
@@ -442,13 +440,6 @@ class SelectiveSharing(keras.callbacks.Callback):
             self.model.set_estimator_of_task(merges[-1]["estimator_of_task"])
             if self.verbose:
                 print(f"SelectiveSharing: resumed with the groups of epoch {merges[-1]['epoch']}.")
-
-
-def _groups_of(estimator_of_task):
-    groups = {}
-    for t, o in enumerate(estimator_of_task):
-        groups.setdefault(o, []).append(t)
-    return [groups[o] for o in sorted(groups)]
 
 
 def _named_groups(model):

@@ -33,7 +33,7 @@ import tensorflow as tf
 def _estimator_layout(model):
     """Shapes of one estimator's variables (identical for every head)."""
     heads_with_estimator = [h for h in model.heads if h.estimator_variables()]
-    if not model.head_units or not heads_with_estimator:
+    if not model.task_heads.hidden_units or not heads_with_estimator:
         raise ValueError(
             "Selective Sharing needs task heads with an estimator: build the MultiTaskModel "
             "with head_units=(...) non-empty (e.g. head_units=(128,)); with head_units=() a "
@@ -114,12 +114,18 @@ class GradientCollector:
         return self
 
     def _retrace(self):
-        if getattr(self.model, "train_function", None) is not None:
+        if self.model.train_function is not None:
             self.model.make_train_function(force=True)
 
     # ------------------------------------------------------------ in the step
-    def __call__(self, variables, grads, out):
-        """Adds this step's estimator gradients (runs in the traced train step)."""
+    def __call__(self, variables, grads, step):
+        """Adds this step's estimator gradients (runs in the traced train step).
+
+        Args:
+            variables: the model's trainable variables.
+            grads: their gradients, aligned with `variables`.
+            step: the step's `mtl_keras.step.StepContext`.
+        """
         model = self.model
         position = {id(v): i for i, v in enumerate(variables)}
         owners = model.estimator_owners
@@ -135,10 +141,9 @@ class GradientCollector:
                 # After a merge: rows go to their owners' slots, others get 0.
                 update = tf.scatter_nd(indices, update, (self.num_tasks,) + shape)
             accumulator.assign_add(update)
-        pairs = out["pairs"]
         self._counts.assign_add(
             tf.math.unsorted_segment_sum(
-                tf.cast(pairs["weights"], "float32"), pairs["task_ids"], self.num_tasks
+                tf.cast(step.pairs.weights, "float32"), step.pairs.task_ids, self.num_tasks
             )
         )
         self._steps.assign_add(1.0)
@@ -166,12 +171,3 @@ class GradientCollector:
         counts = np.asarray(self._counts.read_value(), dtype=np.float64)
         steps = int(round(float(self._steps.read_value())))
         return sums, counts, steps
-
-    def unflatten(self, row):
-        """Splits a row of `read()` back into arrays shaped like the estimator's variables."""
-        out, start = [], 0
-        for shape in self.layout:
-            n = math.prod(shape)
-            out.append(np.reshape(row[start : start + n], shape))
-            start += n
-        return out

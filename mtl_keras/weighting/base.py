@@ -145,15 +145,10 @@ class Weighting(keras.layers.Layer):
             objective: the (loss-scaled) objective returned by `combine`,
                 plus regularisation losses.
             variables: the model's trainable variables.
-            step: a dict with, besides the model step's outputs (`pairs`,
-                `logits`, `losses`), `features` `[P, D]` (the trunk's output
-                for each (example, task) pair, on the tape), `task_ids` `[P]`,
-                `task_losses`, `present`, `task_weights`,
-                `global_task_losses`, `regularization` (scalar or None,
-                loss-scaled), `backbone`, `shared_variables` (the trunk's
-                trainable variables), `features_fn` (`(images, task_ids) ->
-                features`, the trunk in training mode), `loss_scale` (the
-                optimizer's loss scale), `iteration` and `num_replicas`.
+            step: the step's `mtl_keras.step.StepContext`: its pairs,
+                the trunk features on the tape, the task losses, the
+                (loss-scaled) regularisation, the trunk and its variables,
+                the loss scale, the iteration and the replica count.
 
         Returns:
             A list aligned with `variables`.
@@ -161,7 +156,11 @@ class Weighting(keras.layers.Layer):
         return tape.gradient(objective, variables)
 
     def end_train_step(self, step):
-        """Updates non-trainable state after the optimizer step (training only)."""
+        """Updates non-trainable state after the optimizer step (training only).
+
+        Args:
+            step: the step's `mtl_keras.step.StepContext`.
+        """
 
     def current_weights(self):
         """The per-task multipliers this method currently applies, as numpy `[T]`

@@ -129,8 +129,8 @@ class DynamicWeightAverage(Weighting):
         return ops.sum(w * task_weights * task_losses * p) / ops.maximum(ops.sum(p), 1.0)
 
     def end_train_step(self, step):
-        p = ops.cast(step["present"], "float32")
-        self.epoch_loss_sum.assign_add(step["global_task_losses"] * p)
+        p = ops.cast(step.present, "float32")
+        self.epoch_loss_sum.assign_add(step.global_task_losses * p)
         self.epoch_steps.assign_add(p)
 
     def current_weights(self):

@@ -3,8 +3,8 @@
 import keras
 from keras import ops
 
+from mtl_keras.distribute import all_reduce_sum
 from mtl_keras.weighting.base import Weighting, present_mean, register_weighting
-from mtl_keras.weighting.task_gradients import all_reduce_sum
 
 
 def gradnorm_weight_gradient(norms, weights, losses, initial_losses, present, alpha=1.5):
@@ -98,22 +98,22 @@ class GradNorm(Weighting):
             return tape.gradient(objective, variables)
         own = own[0]
         others = [v for i, v in enumerate(variables) if i != own]
-        grads = tape.gradient(objective, others + [step["features"]])
+        grads = tape.gradient(objective, others + [step.features])
         feature_grads = ops.cast(grads[-1], "float32")
-        present = step["present"]
+        present = step.present
         num_tasks = self.num_tasks
         n_present = ops.maximum(ops.sum(ops.cast(present, "float32")), 1.0)
-        sq = ops.segment_sum(ops.sum(feature_grads**2, axis=1), step["task_ids"], num_segments=num_tasks)
+        sq = ops.segment_sum(ops.sum(feature_grads**2, axis=1), step.pairs.task_ids, num_segments=num_tasks)
         # Rows of different replicas are different pairs: squared norms add up.
         # Undo the objective's 1 / (present tasks) and the loss scale.
-        norms = ops.sqrt(all_reduce_sum(sq)) * n_present / step["loss_scale"]
-        losses = step["global_task_losses"]
+        norms = ops.sqrt(all_reduce_sum(sq)) * n_present / step.loss_scale
+        losses = step.global_task_losses
         initial = self._initial(losses, present)
         grad_w, _ = gradnorm_weight_gradient(
             norms, ops.convert_to_tensor(self.loss_weights), losses, initial, present, self.alpha
         )
         # The optimizer unscales and sums over replicas.
-        grad_w = grad_w * step["loss_scale"] / step["num_replicas"]
+        grad_w = grad_w * step.loss_scale / step.num_replicas
         out = list(grads[:-1])
         out.insert(own, grad_w)
         return out
@@ -123,7 +123,7 @@ class GradNorm(Weighting):
         return ops.where(unset, losses, self.initial_losses)
 
     def end_train_step(self, step):
-        self.initial_losses.assign(self._initial(step["global_task_losses"], step["present"]))
+        self.initial_losses.assign(self._initial(step.global_task_losses, step.present))
         w = ops.maximum(ops.convert_to_tensor(self.loss_weights), self.min_weight)
         self.loss_weights.assign(w * self.num_tasks / ops.sum(w))
 

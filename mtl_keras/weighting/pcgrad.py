@@ -112,7 +112,7 @@ class PCGrad(EqualWeighting):
 
     def compute_gradients(self, tape, objective, variables, step):
         def combine(grads, present):
-            return pcgrad_combine(grads, present, self.seed, step["iteration"])
+            return pcgrad_combine(grads, present, self.seed, step.iteration)
 
         return combined_trunk_gradients(
             tape, objective, variables, step, combine, self.every_n_steps, self.per_task_gradients

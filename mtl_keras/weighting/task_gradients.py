@@ -41,21 +41,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from mtl_keras.distribute import all_reduce_sum
+
 PER_TASK_GRADIENTS = ("auto", "grouped", "jacobian")
-
-
-def num_replicas():
-    """Replicas in sync (1 outside a distribution strategy)."""
-    ctx = tf.distribute.get_replica_context()
-    return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
-def all_reduce_sum(value):
-    """Sums a tensor over replicas (identity with one replica)."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return value
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def check_every_n_steps(every_n_steps):
@@ -245,7 +233,7 @@ def combined_trunk_gradients(
         tape: persistent tape of the step.
         objective: the loss-scaled, equally weighted objective.
         variables: trainable variables.
-        step: the step dict (see `Weighting.compute_gradients`).
+        step: the step's `StepContext`.
         combine_fn: `(G [T, N], present [T] bool) -> [N]` global gradient.
         every_n_steps: how often to combine per-task gradients.
         per_task_gradients: `"auto"`, `"grouped"` or `"jacobian"` (see the
@@ -254,20 +242,20 @@ def combined_trunk_gradients(
     Returns:
         A list of gradients aligned with `variables`.
     """
-    features = step["features"]
-    shared_vars = step["shared_variables"]
+    features = step.features
+    shared_vars = step.shared_variables
     shared_idx, other_idx = split_shared(variables, shared_vars)
     shared_list = [variables[i] for i in shared_idx]
     others = [variables[i] for i in other_idx]
-    num_tasks = int(step["task_losses"].shape[0])
+    num_tasks = int(step.task_losses.shape[0])
     # One backward through the heads: their gradients and d objective / d features.
     grads = tape.gradient(objective, others + [features])
     head_grads, feature_grads = grads[:-1], grads[-1]
-    present = step["present"]
+    present = step.present
 
     n_shared = sum(int(np.prod(v.shape)) for v in shared_list)
 
-    route = resolve_per_task_gradients(per_task_gradients, step["backbone"])
+    route = resolve_per_task_gradients(per_task_gradients, step.backbone)
 
     def per_task_gradients_fn():
         n_present = ops.maximum(ops.sum(ops.cast(present, "float32")), 1.0)
@@ -276,13 +264,13 @@ def combined_trunk_gradients(
         cotangents = ops.stop_gradient(feature_grads * n_present)
         if route == "grouped":
             return grouped_trunk_task_gradients(
-                step["features_fn"], step["pairs"]["images"], step["pairs"]["rows"],
-                step["task_ids"], cotangents, num_tasks, shared_list,
+                step.features_fn, step.pairs.images, step.pairs.rows,
+                step.pairs.task_ids, cotangents, num_tasks, shared_list,
             )
-        return trunk_task_gradients(tape, features, cotangents, step["task_ids"], num_tasks, shared_list)
+        return trunk_task_gradients(tape, features, cotangents, step.pairs.task_ids, num_tasks, shared_list)
 
     def combined(per_task):
-        return unflatten(combine_fn(per_task, present) / step["num_replicas"], shared_list)
+        return unflatten(combine_fn(per_task, present) / step.num_replicas, shared_list)
 
     def plain():
         out = tape.gradient(
@@ -296,15 +284,15 @@ def combined_trunk_gradients(
     if every_n_steps == 1:
         trunk_grads = combined(all_reduce_sum(per_task_gradients_fn()))
     else:
-        due = ops.equal(ops.mod(step["iteration"], every_n_steps), 0)
+        due = ops.equal(ops.mod(step.iteration, every_n_steps), 0)
         per_task = tf.cond(
             due, per_task_gradients_fn, lambda: tf.zeros((num_tasks, n_shared), feature_grads.dtype)
         )
         # The all-reduce is a synchronisation point: it must stay out of tf.cond.
         per_task = all_reduce_sum(per_task)
         trunk_grads = tf.cond(due, lambda: combined(per_task), plain)
-    if step.get("regularization") is not None:
-        reg = tape.gradient(step["regularization"], shared_list)
+    if step.regularization is not None:
+        reg = tape.gradient(step.regularization, shared_list)
         trunk_grads = [g if r is None else g + r for g, r in zip(trunk_grads, reg)]
     out = [None] * len(variables)
     for i, g in zip(shared_idx, trunk_grads):

@@ -3,8 +3,8 @@
 import keras
 from keras import ops
 
+from mtl_keras.distribute import num_replicas
 from mtl_keras.weighting.base import Weighting, register_weighting
-from mtl_keras.weighting.task_gradients import num_replicas
 
 
 @register_weighting("uncertainty")
