@@ -84,14 +84,16 @@ def sharing_overhead(num_tasks, config, classes=20, steps=20, rounds=3):
     # ops it adds to a step, on this batch's real gradients.
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
-        objective, out = model._step(batch, training=True)
+        objective, step = model._step(batch, training=True)
     grads = tape.gradient(objective, variables)
-    alone = tf.function(lambda g, o: collector(variables, g, o))
-    alone(grads, out)
+    # The step record is captured, not passed: a tf.function takes tensors,
+    # and the collector reads only the pairs' task ids and weights from it.
+    alone = tf.function(lambda g: collector(variables, g, step))
+    alone(grads)
     collector_times = []
     for _ in range(20):
         t0 = time.perf_counter()
-        alone(grads, out)
+        alone(grads)
         collector._steps.numpy()  # wait for the update
         collector_times.append(time.perf_counter() - t0)
     # The best round is the one least disturbed by other processes.
@@ -147,8 +149,8 @@ def collection_vs_naive(num_tasks, config, classes=20, repeats=5):
     def task_objectives(out, tasks):
         # Task t's part of the training objective: the weighting applied to
         # its loss alone (exact for linear weightings such as the default).
-        pairs = out["pairs"]
-        shares, present, global_losses = model.task_losses(out["losses"], pairs["task_ids"], pairs["weights"])
+        pairs = out.pairs
+        shares, present, global_losses = model.task_losses(out.losses, pairs.task_ids, pairs.weights)
         return [model.weighting.combine(shares * tf.one_hot(t, num_tasks), present, task_weights, global_losses)
                 for t in tasks]
 
