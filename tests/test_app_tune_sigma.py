@@ -41,7 +41,7 @@ def test_tune_sigma_app_on_real_archives_resumes_and_reports(tmp_path):
     model = keras.saving.load_model(tmp_path / "run" / "best_model.keras")
     norms = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(norms) == 2 and all(l.momentum == 0.9 for l in norms)
-    assert model.head_units == (16,) and model.get_config()["head_dropout"] == 0.0
+    assert model.task_heads.hidden_units == (16,) and model.get_config()["head_dropout"] == 0.0
     provenance = on_disk["provenance"]
     command = "python apps/tune_sigma.py " + " ".join(argv + ["--trials", "3"])
     assert provenance["command"] == on_disk["command"] == command

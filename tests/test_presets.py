@@ -60,6 +60,6 @@ def test_build_model_follows_the_config():
     model = build_model(config, tasks, (16, 16, 1), name="m")
     norms = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(norms) == 2 and all(l.momentum == 0.8 for l in norms)
-    assert model.head_units == (8,) and abs(float(model.optimizer.learning_rate) - 0.01) < 1e-9
+    assert model.task_heads.hidden_units == (8,) and abs(float(model.optimizer.learning_rate) - 0.01) < 1e-9
     hard = build_model(config, tasks, (16, 16, 1), sigma=1.0)
     assert not hard.routed and model.routed
