@@ -7,16 +7,6 @@ accuracy, Δm against single-task learning, parameter count and wall time:
     python apps/compare_methods.py                      # docs/RESULTS.md's seed-0 table (~40 min on 2 cores)
     python apps/compare_methods.py --configs stl,hard,tr0.5,tr0.5+pcgrad --tasks 10 --seeds 0 1 2
 
-Configurations (combine with '+'):
-    stl               one network per task (same trunk, one task), on its own examples
-    hard              hard sharing: one trunk for all tasks (sigma = 1, no routing)
-    tr<S>             Task Routing with sharing ratio S, e.g. tr0.5
-    <base>+<W>        weighting method W (mtl_keras.weighting.available_weightings()), e.g. tr0.5+pcgrad
-    <W>:<arg>=<value> a weighting with arguments, e.g. pcgrad:every_n_steps=8
-    <W>               short for tr0.5+<W>, e.g. uncertainty
-    <base>+<R>        Selective Sharing with grouping rule R, e.g. tr0.5+similarity
-                      (options as for weightings: tr0.5+similarity:threshold=0.3)
-
 Single-task results are cached in --cache-dir per task, keyed by a hash of
 everything they depend on, so later comparisons compute Δm without
 retraining them. `--reuse DIR...` takes the runs of earlier comparisons of
@@ -29,7 +19,9 @@ the run's provenance: commit, command, machine load) and results.png.
 import argparse
 
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args
-from mtl_keras.experiments.comparison import DEFAULT_CONFIGS, SingleTaskBudget, compare, resolve_configs
+from mtl_keras.experiments.comparison import (
+    CONFIGURATION_GRAMMAR, DEFAULT_CONFIGS, SingleTaskBudget, compare, resolve_configs,
+)
 from mtl_keras.experiments.comparison_tables import summary_table
 from mtl_keras.experiments.provenance import PACKAGE_ROOT, RunProvenance, run_directory
 from mtl_keras.presets import add_config_arguments, config_from_args
@@ -42,7 +34,8 @@ NOT_FLAGS = ("sigma", "routing_mode", "weighting", "sharing", "sharing_epoch", "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__ + "\n" + CONFIGURATION_GRAMMAR,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"comma-separated configurations (default: {DEFAULT_CONFIGS}); configurations "
                         "whose weighting or sharing rule is not available are skipped with a warning "

@@ -5,16 +5,7 @@ budget and reduces them to one table: mean test accuracy (mean ± std over
 seeds), per-task accuracy, Δm against single-task learning, parameters and
 wall time.
 
-Configurations (combine with '+'):
-
-    stl               one network per task (same trunk, one task), on its own examples
-    hard              hard sharing: one trunk for all tasks (sigma = 1, no routing)
-    tr<S>             Task Routing with sharing ratio S, e.g. tr0.5
-    <base>+<W>        weighting method W (mtl_keras.weighting.available_weightings()), e.g. tr0.5+pcgrad
-    <W>:<arg>=<value> a weighting with arguments, e.g. pcgrad:every_n_steps=8
-    <W>               short for tr0.5+<W>, e.g. uncertainty
-    <base>+<R>        Selective Sharing with grouping rule R, e.g. tr0.5+similarity
-                      (options as for weightings: tr0.5+similarity:threshold=0.3)
+The configurations' grammar is `CONFIGURATION_GRAMMAR`.
 
 The data come from the caller (`load_data(seed)`), so the same code compares
 methods on any one-task-per-example image data set.
@@ -46,6 +37,17 @@ from mtl_keras.experiments.comparison_tables import write_tables
 from mtl_keras.experiments.training import build_backbone, build_model
 from mtl_keras.reporting import per_task, write_json
 from mtl_keras.weighting import available_weightings, get_weighting
+
+CONFIGURATION_GRAMMAR = """Configurations (combine with '+'):
+    stl               one network per task (same trunk, one task), on its own examples
+    hard              hard sharing: one trunk for all tasks (sigma = 1, no routing)
+    tr<S>             Task Routing with sharing ratio S, e.g. tr0.5
+    <base>+<W>        weighting method W (mtl_keras.weighting.available_weightings()), e.g. tr0.5+pcgrad
+    <W>:<arg>=<value> a weighting with arguments, e.g. pcgrad:every_n_steps=8
+    <W>               short for tr0.5+<W>, e.g. uncertainty
+    <base>+<R>        Selective Sharing with grouping rule R, e.g. tr0.5+similarity
+                      (options as for weightings: tr0.5+similarity:threshold=0.3)
+"""
 
 # The configurations of docs/RESULTS.md (PCGrad every 10 steps: its exact
 # per-task gradients cost ~40x a step at 50 tasks, see docs/BENCHMARKS.md).

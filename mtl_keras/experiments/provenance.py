@@ -69,39 +69,33 @@ def run_directory(kind, output=None, root=None):
     return output
 
 
-def _cpu_seconds_by_process():
-    """`{pid: (name, user+system CPU seconds)}` of every process readable in /proc (Linux)."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    found = {}
+def _process_stats():
+    """`(pid, name, fields after the name)` of every process readable in /proc (Linux; none elsewhere)."""
     proc = Path("/proc")
     if not proc.is_dir():
-        return found
+        return
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-        except OSError:
+        except OSError:  # the process ended while we looked
             continue
         # The command name is in parentheses and may itself hold spaces.
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        found[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
-    return found
+        yield int(entry.name), stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def _cpu_seconds_by_process():
+    """`{pid: (name, user+system CPU seconds)}` of every process readable in /proc."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return {pid: (name, (int(fields[11]) + int(fields[12])) / ticks) for pid, name, fields in _process_stats()}
 
 
 def _own_process_tree():
     """This process and its descendants (their CPU time is the run's own)."""
     children = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+    for pid, _, fields in _process_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
     mine, todo = set(), [os.getpid()]
     while todo:
         pid = todo.pop()
