@@ -82,6 +82,20 @@ import tensorflow as tf
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
 
+def synchronized_by_default():
+    """Whether a batch-norm layer built now should be synchronized: under a strategy of more than one replica.
+
+    Per-replica statistics would make R replicas train otherwise than one
+    device on the same global batch (each replica normalising its share);
+    synchronized, every replica normalises with the global batch's mean and
+    variance (one all-reduce per layer and step). With one replica Keras'
+    synchronized path computes the variance as `E[x^2] - E[x]^2` instead of
+    `tf.nn.moments`' two passes, so single-device models keep the plain
+    layer and the numbers they had.
+    """
+    return tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
 def batch_norm_layers(model):
     """The `BatchNormalization` layers of `model` whose moving statistics training updates.
 
@@ -243,7 +257,7 @@ class FitRecalibration:
         self.snapshot = self._weights()
 
     def _weights(self):
-        return [np.array(w) for w in _trunk(self.model).trainable_weights] + [int(self.model.optimizer.iterations)]
+        return [np.array(w) for w in _trunk(self.model).trainable_weights] + [int(self.model.optimizer.iterations.numpy())]
 
     def _changed(self):
         now = self._weights()
