@@ -278,7 +278,8 @@ class FitRecalibration:
 
 def fit(model, super_fit, args, kwargs, steps=None):
     """`super_fit(*args, **kwargs)` (Keras' fit) with the re-estimates; returns its History."""
-    if not batch_norm_layers(_trunk(model)):
+    if getattr(model, "optimizer", None) is None or not batch_norm_layers(_trunk(model)):
+        # Nothing to re-estimate, or not compiled: Keras' own fit() says so.
         return super_fit(*args, **kwargs)
     bound = _FIT_SIGNATURE.bind(model, *args, **kwargs)
     bound.apply_defaults()

@@ -66,6 +66,19 @@ def test_statistics_are_exact_averages_of_each_batchs_own():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_any_keras_model_is_recalibrated_on_its_own_inputs():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    x = np.random.default_rng(0).random((32, 8, 8, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, np.zeros(32, "float32"))).batch(8)
+    assert recalibrate_batch_norm(model, data) == 4
+    conv = np.stack([np.asarray(model.layers[0](x[i : i + 8])) for i in range(0, 32, 8)]).astype(np.float64)
+    layer = model.layers[1]
+    np.testing.assert_allclose(np.asarray(layer.moving_mean), conv.mean(axis=(1, 2, 3)).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.moving_variance), conv.var(axis=(1, 2, 3)).mean(0), rtol=1e-4)
+
+
 def test_converged_moving_statistics_are_reproduced():
     """With the weights fixed (learning rate 0) and the same batch again and
     again, the moving averages converge to that batch's statistics; the
@@ -224,6 +237,13 @@ def test_non_finite_weights_and_empty_data_leave_the_statistics():
         assert recalibrate_batch_norm(model, dataset()) == 0
     for a, b in zip(before, statistics(model)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fit_before_compile_gets_keras_message():
+    keras.utils.set_random_seed(0)
+    model = MultiTaskModel(conv_backbone((8, 8, 1), 4, sigma=0.5, filters=(8, 8), seed=0), four_tasks())
+    with pytest.raises(ValueError, match="compile"):
+        model.fit(dataset(), epochs=1, verbose=0)
 
 
 def test_a_generator_is_not_read_twice():
