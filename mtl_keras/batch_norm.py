@@ -263,7 +263,7 @@ class FitRecalibration:
 
     def _changed(self):
         now = self._weights()
-        return any(not np.array_equal(a, b) for a, b in zip(now, self.snapshot))
+        return any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(now, self.snapshot))
 
     def run(self):
         self.batches = recalibrate_batch_norm(self.model, self.data, self.steps)

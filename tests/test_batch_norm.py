@@ -239,6 +239,17 @@ def test_non_finite_weights_and_empty_data_leave_the_statistics():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_run_stopped_on_a_non_finite_loss_is_left_for_its_caller():
+    """A callback that stops training on a NaN loss (like TerminateOnNaN):
+    the statistics are not re-estimated from NaN weights, and fit() warns once."""
+    model = routed_model(optimizer=keras.optimizers.SGD(1e30))
+    with pytest.warns(UserWarning, match="not finite") as caught:
+        model.fit(dataset().repeat(), steps_per_epoch=4, epochs=3, validation_data=dataset(seed=1), verbose=0,
+                  callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert sum("not finite" in str(w.message) for w in caught) == 1
+    assert not all(np.isfinite(w).all() for w in trainable(model))
+
+
 def test_fit_before_compile_gets_keras_message():
     keras.utils.set_random_seed(0)
     model = MultiTaskModel(conv_backbone((8, 8, 1), 4, sigma=0.5, filters=(8, 8), seed=0), four_tasks())
