@@ -10,6 +10,7 @@ task, `sigma = 1`).
 
 import keras
 
+from mtl_keras.batch_norm import synchronized_by_default
 from mtl_keras.layers.task_routing import TaskRouting
 
 
@@ -33,6 +34,7 @@ def conv_backbone(
     seed=None,
     batch_norm=True,
     batch_norm_momentum=0.99,
+    batch_norm_synchronized="auto",
     name="conv_backbone",
 ):
     """A VGG-style trunk; with routing, a `TaskRouting` after every conv and dense layer.
@@ -56,8 +58,13 @@ def conv_backbone(
             random seed per layer (recorded in the config).
         batch_norm: whether to normalise after each conv.
         batch_norm_momentum: momentum of the moving statistics (Keras'
-            default 0.99; use ~0.9 for runs of a few hundred steps, whose
-            evaluation would otherwise use barely updated statistics).
+            default 0.99). `MultiTaskModel.fit` re-estimates them for the
+            final weights (`mtl_keras.batch_norm`), so short runs need no
+            faster momentum.
+        batch_norm_synchronized: normalise with the statistics of the
+            global batch, all replicas together; `"auto"`: when built under
+            a strategy with more than one replica (see
+            `batch_norm.synchronized_by_default`).
         name: model name.
 
     Returns:
@@ -91,7 +98,10 @@ def conv_backbone(
         for c in range(convs_per_block):
             x = keras.layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"block{b}_conv{c}")(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization(momentum=batch_norm_momentum, name=f"block{b}_bn{c}")(x)
+                synchronized = synchronized_by_default() if batch_norm_synchronized == "auto" else batch_norm_synchronized
+                x = keras.layers.BatchNormalization(
+                    momentum=batch_norm_momentum, synchronized=bool(synchronized), name=f"block{b}_bn{c}"
+                )(x)
             x = route(x)
             x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
         if x.shape[1] is not None and x.shape[1] >= 2 and x.shape[2] >= 2:

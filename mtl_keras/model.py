@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from mtl_keras import batch_norm
 from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
 from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
@@ -434,6 +435,32 @@ class MultiTaskModel(keras.Model):
         ):
             return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    # Re-estimate batch norm's moving statistics for the weights fit() ends
+    # with (mtl_keras.batch_norm); False keeps Keras' moving averages.
+    recalibrate_batch_norm = True
+    _batch_norm_fit = None
+
+    def fit(self, *args, recalibrate_batch_norm=None, **kwargs):
+        """`keras.Model.fit`, then batch norm's statistics re-estimated on training batches.
+
+        See `mtl_keras.batch_norm`: before the last epoch's validation (or
+        at the end), every batch-norm layer of the trunk gets the exact
+        average of the batch statistics of N training batches under the
+        final weights, so that a run of a few dozen steps evaluates as it
+        trained. `recalibrate_batch_norm` (default: the model's attribute of
+        that name, True) turns it off for this call.
+        """
+        enabled = self.recalibrate_batch_norm if recalibrate_batch_norm is None else recalibrate_batch_norm
+        if not enabled:
+            return super().fit(*args, **kwargs)
+        return batch_norm.fit(self, super().fit, args, kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        # Keras' fit() validates through evaluate(..., _use_cached_eval_dataset=True).
+        if self._batch_norm_fit is not None and kwargs.get("_use_cached_eval_dataset"):
+            self._batch_norm_fit.before_validation()
+        return super().evaluate(*args, **kwargs)
 
     def compile(self, optimizer="adam", jit_compile=False, **kwargs):
         """Like `keras.Model.compile`, minus `loss`/`metrics` (they come from the tasks).

@@ -135,6 +135,58 @@ def test_two_replicas_match_one_device_on_the_same_global_batch():
     np.testing.assert_allclose(h1["mean_accuracy"], h2["mean_accuracy"], rtol=1e-6)
 
 
+def _norms(model):
+    return [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+
+
+def test_two_replicas_match_one_device_with_batch_norm(tmp_path):
+    """Batch norm built under 2 replicas is synchronized: each replica's 8
+    examples are normalised with the statistics of the global 16, so the
+    replicas train as one device does (weights, moving statistics, and the
+    statistics fit() re-estimates at its end); per-replica statistics would not."""
+    def train(strategy, synchronized="auto"):
+        with strategy.scope():
+            model = worker.build_model(keras.optimizers.Adam(1e-2), batch_norm=True)
+            if synchronized != "auto":
+                # The same trunk with per-replica statistics, as before.
+                for layer in _norms(model):
+                    layer.synchronized = synchronized
+        history = model.fit(worker.make_dataset(), epochs=3, verbose=0, shuffle=False)
+        return model, [v.numpy() for v in model.weights], history.history
+
+    # One MirroredStrategy for both 2-replica runs: a second one in this
+    # test would reuse its collective keys (see conftest.py).
+    mirrored = get_strategy("mirrored")
+    one, w1, h1 = train(get_strategy("default"))
+    two, w2, h2 = train(mirrored)
+    assert [l.synchronized for l in _norms(one)] == [False, False]
+    assert [l.synchronized for l in _norms(two)] == [True, True]
+    initial = [v.numpy() for v in worker.build_model(batch_norm=True).weights]
+    moved = max(np.abs(a - b).max() for a, b in zip(initial, w1))
+    diff = max(np.abs(a - b).max() for a, b in zip(w1, w2))
+    _, w_local, _ = train(mirrored, synchronized=False)
+    local = max(np.abs(a - b).max() for a, b in zip(w1, w_local))
+    print(f"\nwith batch norm, 2-replica vs 1-replica: max |w2 - w1| = {diff:.3g} synchronized, "
+          f"{local:.3g} per replica (weights moved by up to {moved:.3g})")
+    assert moved > 1e-2, "training did not move the weights"
+    assert diff < 1e-5
+    assert local > 100 * diff
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(h1["mean_accuracy"], h2["mean_accuracy"], rtol=1e-6)
+    # Every replica holds the same statistics after the re-estimate.
+    for layer in _norms(two):
+        for variable in (layer.moving_mean, layer.moving_variance):
+            first, second = (np.asarray(v) for v in variable.value.values)
+            np.testing.assert_array_equal(first, second)
+    # Saved from 2 replicas, it loads, predicts and trains on one device.
+    two.save(tmp_path / "two.keras")
+    loaded = keras.saving.load_model(tmp_path / "two.keras")
+    assert [l.synchronized for l in _norms(loaded)] == [True, True]
+    x, _ = worker.make_arrays(n=16, seed=5)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), one.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    assert np.isfinite(loaded.fit(worker.make_dataset(), epochs=1, verbose=0).history["loss"][0])
+
+
 @pytest.mark.parametrize("layout", ["one_task_per_example", "several_tasks_per_example"])
 def test_prepared_evaluation_on_two_replicas_counts_every_example_once(layout):
     """17 examples in batches of 16: the last batch would leave one replica
