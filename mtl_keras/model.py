@@ -32,6 +32,7 @@ import tensorflow as tf
 from keras import ops
 
 from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
+from mtl_keras.input_checks import check_fraction
 from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
 from mtl_keras.optimizers import prune_optimizer
@@ -106,6 +107,8 @@ class MultiTaskModel(keras.Model):
             raise ValueError(f"tasks_per_step must be a positive int, got {tasks_per_step!r}.")
         if task_sampling not in TASK_SAMPLING:
             raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, got {task_sampling!r}.")
+        check_fraction("head_dropout (the dropout rate after each head estimator layer)", head_dropout,
+                       upper_open=True, meaning="0 turns dropout off; 1 would drop every unit.")
         self.tasks_per_step = tasks_per_step
         self.task_sampling = task_sampling
         self.seed = seed
