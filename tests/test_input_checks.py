@@ -369,3 +369,25 @@ def test_the_legacy_keras_file_loads_with_safe_mode():
     path = Path(__file__).parent / "fixtures" / "legacy_v0_1" / "model.keras"
     model = keras.saving.load_model(path, safe_mode=True)
     assert isinstance(model, MultiTaskModel)
+
+
+# ------------------------------------------------------------------ serving
+def test_the_exported_serving_signature_refuses_bad_task_ids_and_nan_pixels(model, tmp_path):
+    """Task ids: export.py's own check; NaN pixels: the model's (its call() checks every batch)."""
+    from mtl_keras.export import export_for_serving
+
+    served = tf.saved_model.load(str(export_for_serving(model, tmp_path / "saved", task_signatures=False)))
+    serve = served.signatures["serving_default"]
+    x, _ = per_example_batch()
+    out = serve(image=tf.constant(x["image"]), task=tf.constant(x["task"]))
+    assert out["predicted_class"].shape == (12,)
+    for bad_id, message in ((-1, r"task ids must be in \[0, 4\); got a negative id"),
+                            (4, r"task ids must be in \[0, 4\) \(the model has 4 tasks\)")):
+        task = x["task"].copy()
+        task[3] = bad_id
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            serve(image=tf.constant(x["image"]), task=tf.constant(task))
+    image = x["image"].copy()
+    image[0, 0, 0, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match=IMAGES_MESSAGE):
+        serve(image=tf.constant(image), task=tf.constant(x["task"]))
