@@ -81,17 +81,14 @@ class GuardedModel(keras.Model):
         return [g for g in guards if not any(isinstance(c, type(g)) for c in callbacks)] + callbacks
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
-            validation_split=0.0, validation_data=None, sample_weight=None, **kwargs):
-        x = self._checked_data(x, y, sample_weight)
+            validation_split=0.0, validation_data=None, *args, **kwargs):
+        x = self._checked_data(x, y, kwargs.get("sample_weight"))
         if isinstance(validation_data, tf.data.Dataset):
             validation_data = self._checked_data(validation_data)
         elif isinstance(validation_data, (list, tuple)):
             self._checked_data(*validation_data)
-        return super().fit(
-            x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=self._guards(callbacks),
-            validation_split=validation_split, validation_data=validation_data, sample_weight=sample_weight,
-            **kwargs,
-        )
+        return super().fit(x, y, batch_size, epochs, verbose, self._guards(callbacks), validation_split,
+                           validation_data, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, steps=None,
                  callbacks=None, return_dict=False, **kwargs):

@@ -229,8 +229,10 @@ def checked_batch(x, y, sample_weight, table, image_names):
     non-finite values in the image inputs. Every returned tensor depends on
     every check, so nothing computed from the batch (a batch-norm statistic,
     a metric, an update) happens before the batch is accepted. Per batch:
-    one finiteness reduction over each image input, a min/max over the task
-    ids, and a few elementwise ops and one reduction over the labels.
+    one finiteness reduction over each image input, a range check (one
+    reduction) of the task ids, and a few elementwise ops and one reduction
+    over the labels; each check is a `tf.cond` whose failing branch (the
+    assertion and its details) runs only on a bad batch.
 
     Args:
         x: the inputs: `{"image", "task"}` (one task per example), or images
@@ -269,7 +271,8 @@ def empty_data_message(what, replicas, training=True):
         )
     else:
         fix = "Check the dataset: an empty split, or a filter / take / shard that keeps nothing"
-    return f"{what} got no batch: the data yielded no examples, so nothing was {'trained' if training else 'measured'}. {fix}."
+    done = "trained" if training else "measured"
+    return f"{what} got no batch: the data yielded no examples, so nothing was {done}. {fix}."
 
 
 def require_one_global_batch(num_examples, global_batch, replicas, split="training"):
