@@ -8,7 +8,8 @@ report.json (per-task test accuracy by alphabet, mean, parameters, sigma,
 seed, wall time, export path, provenance), accuracy.png, and exports a
 SavedModel for TF Serving to saved_models/omniglot/<version>/ (--export-dir
 to change). Data, model and training defaults are the "default" preset
-(mtl_keras.presets).
+(mtl_keras.presets). A run that cannot succeed (a NaN loss, bad data, missing
+archives) prints why and exits with status 1, with no report and no export.
 """
 
 import argparse
@@ -20,13 +21,17 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
+from mtl_keras.callbacks import NonFiniteLossError  # noqa: E402
+from mtl_keras.data.omniglot import OmniglotArchiveError, OmniglotNotFoundError  # noqa: E402
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas  # noqa: E402
 from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
 from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
 from mtl_keras.experiments.training import build_model  # noqa: E402
 from mtl_keras.export import export_for_serving  # noqa: E402
+from mtl_keras.input_checks import check_fraction, check_sigma, describe_error, require_one_global_batch  # noqa: E402
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
@@ -35,6 +40,9 @@ from mtl_keras.sharing import SelectiveSharing  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# A run that meets one of these ends with its message and exit status 1, before any report or export.
+RUN_ERRORS = (NonFiniteLossError, OmniglotNotFoundError, OmniglotArchiveError, ValueError,
+              tf.errors.InvalidArgumentError)
 
 
 def parse_args(argv=None):
@@ -49,7 +57,13 @@ def parse_args(argv=None):
     o.add_argument("--backup-dir", default=None,
                    help="BackupAndRestore folder: an interrupted run restarts from its last epoch")
     o.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # refused here, before minutes of data preparation
+        check_sigma(args.sigma)
+        check_fraction("--head-dropout", args.head_dropout, upper_open=True)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def train_and_export(args, config, strategy, output, started):
@@ -58,6 +72,7 @@ def train_and_export(args, config, strategy, output, started):
     data = load_omniglot_from_args(args, config)
     print(f"Omniglot: {len(data.tasks)} alphabets, {data.num_examples} examples, "
           f"{config.image_size}x{config.image_size} images")
+    require_one_global_batch(data.num_examples["train"], config.batch_size, strategy.num_replicas_in_sync)
     train = prepare_for_replicas(data.train, config.batch_size, strategy, training=True)
     validation = prepare_for_replicas(data.validation, config.batch_size, strategy)
     test = prepare_for_replicas(data.test, config.batch_size, strategy)
@@ -115,9 +130,12 @@ def main(argv=None):
     strategy = get_strategy(config.strategy)
     started = time.time()
     keras.utils.set_random_seed(config.seed)
-    with RunProvenance(argv, __file__) as provenance:
-        report, output, tasks = train_and_export(args, config, strategy, run_directory("omniglot", args.output),
-                                                 started)
+    try:
+        with RunProvenance(argv, __file__) as provenance:
+            report, output, tasks = train_and_export(args, config, strategy, run_directory("omniglot", args.output),
+                                                     started)
+    except RUN_ERRORS as e:
+        raise SystemExit(f"train_omniglot: {describe_error(e)}") from e
     report.update(command=provenance.record["command"], provenance=provenance.record)
     plot_task_bars(report["test_accuracy"], output / "accuracy.png",
                    title=f"Omniglot per-alphabet test accuracy (sigma={config.sigma}, "

@@ -11,6 +11,7 @@ task, `sigma = 1`).
 import keras
 
 from mtl_keras.batch_norm import synchronized_by_default
+from mtl_keras.input_checks import check_sigma
 from mtl_keras.layers.task_routing import TaskRouting
 
 
@@ -76,8 +77,10 @@ def conv_backbone(
     >>> trunk({"image": np.zeros((2, 32, 32, 1)), "task": np.array([0, 7])}).shape
     (2, 256)
     """
+    # Before "auto" reads it: sigma 1.5 would silently build an unrouted trunk.
+    sigma = check_sigma(sigma)
     if routing == "auto":
-        routing = float(sigma) < 1.0
+        routing = sigma < 1.0
     image = keras.Input(shape=tuple(input_shape), name="image")
     inputs = {"image": image}
     if routing:

@@ -6,7 +6,8 @@ Data comes in one of two forms, told apart by whether the inputs carry a
 - **One task per example** (e.g. Omniglot: an image belongs to one alphabet):
   `x = {"image": [B, ...], "task": [B] int}`, `y = [B]` (class index, 0/1,
   or a regression value) or `[B, label_width]`. Each example is one
-  (example, task) pair.
+  (example, task) pair; every label must fit its task, and sample weight 0
+  leaves an example out.
 - **Several labelled tasks per example** (attribute data, e.g. CelebA's 40):
   `x = {"image": [B, ...]}` (or the image tensor itself), `y = [B, T]`, with
   NaN (or a negative class) marking a missing label and an optional
@@ -22,6 +23,10 @@ and once per example otherwise; every task head is evaluated in one
 vectorised pass that picks each pair's own head; losses and metrics of all
 tasks come from segment sums over the pairs' task ids. Nothing in the step
 loops over tasks in Python, so its cost grows slowly with the task count.
+
+Bad task ids, labels and images are refused before the step computes
+anything from them (`mtl_keras.input_checks`), and `fit` stops at the first
+non-finite loss (`mtl_keras.guarded_model`).
 """
 
 import dataclasses
@@ -33,17 +38,13 @@ from keras import ops
 
 from mtl_keras import batch_norm
 from mtl_keras.distribute import all_reduce_sum, in_multi_worker_mode, num_replicas
+from mtl_keras.guarded_model import GuardedModel
+from mtl_keras.input_checks import check_fraction
 from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
 from mtl_keras.optimizers import prune_optimizer
 from mtl_keras.step import Pairs, StepContext
-from mtl_keras.task_losses import (
-    TaskTable,
-    assert_class_labels_in_range,
-    pair_losses,
-    pair_metrics,
-    sanitize_labels,
-)
+from mtl_keras.task_losses import TaskTable, pair_losses, pair_metrics, sanitize_labels
 from mtl_keras.tasks import TaskSet
 from mtl_keras.weighting import get_weighting
 
@@ -51,7 +52,7 @@ TASK_SAMPLING = ("per_example", "per_batch")
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
-class MultiTaskModel(keras.Model):
+class MultiTaskModel(GuardedModel):
     """A many-task model: shared trunk, per-task heads, a vectorised train step.
 
     Args:
@@ -107,6 +108,8 @@ class MultiTaskModel(keras.Model):
             raise ValueError(f"tasks_per_step must be a positive int, got {tasks_per_step!r}.")
         if task_sampling not in TASK_SAMPLING:
             raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, got {task_sampling!r}.")
+        check_fraction("head_dropout (the dropout rate after each head estimator layer)", head_dropout,
+                       upper_open=True, meaning="0 turns dropout off; 1 would drop every unit.")
         self.tasks_per_step = tasks_per_step
         self.task_sampling = task_sampling
         self.seed = seed
@@ -237,6 +240,8 @@ class MultiTaskModel(keras.Model):
     def call(self, inputs, training=False):
         """Logits `[B, max_outputs]` of each example's task (inputs with a
         `task` key), else `[B, T, max_outputs]` for every task."""
+        if self.batch_checks_in_step():
+            inputs = self.check_batch(inputs)[0]
         images = self._image_inputs(inputs)
         if isinstance(inputs, dict) and "task" in inputs:
             task_ids = ops.cast(ops.reshape(inputs["task"], (-1,)), "int32")
@@ -266,12 +271,18 @@ class MultiTaskModel(keras.Model):
         return ops.take(self._features(images, None, training), rows, axis=0)
 
     # ------------------------------------------------------------------- pairs
-    def make_pairs(self, x, y, sample_weight=None, training=False):
+    def make_pairs(self, x, y, sample_weight=None, training=False, check=None):
         """Flattens a batch into (example, task) pairs.
+
+        Args:
+            check: whether to refuse bad task ids, labels and images first
+                (`GuardedModel.check_batch`); default: unless XLA-compiled.
 
         Returns:
             A `Pairs` (see `mtl_keras.step`).
         """
+        if self.batch_checks_in_step(check):
+            x, y, sample_weight = self.check_batch(x, y, sample_weight)
         images = self._image_inputs(x)
         table = self.table
         if isinstance(x, dict) and "task" in x:
@@ -313,7 +324,8 @@ class MultiTaskModel(keras.Model):
                 shape, has = (1, num_tasks), ops.any(avail_w > 0, axis=0, keepdims=True)
             else:
                 shape, has = (batch, num_tasks), avail_w > 0
-            u = keras.random.uniform(shape, 1e-9, 1.0, seed=self.seed_generator)
+            with tf.control_dependencies([y]):  # a refused batch leaves the seed as it was
+                u = keras.random.uniform(shape, 1e-9, 1.0, seed=self.seed_generator)
             scores = ops.where(has, -ops.log(-ops.log(u)), -1e9)
             scores = ops.broadcast_to(scores, (batch, num_tasks))
             _, chosen = ops.top_k(scores, k)
@@ -351,8 +363,6 @@ class MultiTaskModel(keras.Model):
         """The objective and the `StepContext` of one batch (train or test)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         pairs = self.make_pairs(x, y, sample_weight, training=training)
-        if not self.jit_compile:  # XLA cannot run assertions
-            assert_class_labels_in_range(pairs.labels, pairs.task_ids, pairs.weights, self.table)
         # Features kept apart from the heads: gradient methods take
         # per-task gradients there (see mtl_keras.weighting).
         features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)

@@ -68,13 +68,15 @@ def test_train_step_per_task_losses_match_reference_and_ignore_missing_labels():
     x, y = per_example_batch()
     logits = model.predict(x, verbose=0)
     ref = np_losses(logits, y, x["task"])
-    # Missing labels: a NaN regression target and a -1 class are left out.
+    # Missing labels: with one task per example, sample weight 0 leaves an
+    # example out (a NaN or -1 label is refused, tests/test_input_checks.py);
+    # whatever label a left-out example holds.
     y_missing = y.copy()
     y_missing[0, 0] = -1  # task a
     y_missing[3, :] = np.nan  # task d
     keep = np.ones(len(y), bool)
     keep[[0, 3]] = False
-    logs = model.test_on_batch(x, y_missing, return_dict=True)
+    logs = model.test_on_batch(x, y_missing, sample_weight=keep.astype("float32"), return_dict=True)
     t = x["task"]
     per_task = [ref[(t == k) & keep].mean() for k in range(4)]
     for k, name in enumerate("abcd"):
@@ -84,7 +86,7 @@ def test_train_step_per_task_losses_match_reference_and_ignore_missing_labels():
     y_other = y_missing.copy()
     y_other[0, 0] = -5
     model.reset_metrics()
-    logs2 = model.test_on_batch(x, y_other, return_dict=True)
+    logs2 = model.test_on_batch(x, y_other, sample_weight=keep.astype("float32"), return_dict=True)
     assert logs2["a/loss"] == pytest.approx(logs["a/loss"], rel=1e-6)
     assert 0.0 <= logs["mean_accuracy"] <= 1.0 and "d/mse" in logs and "d/mae" in logs
 
@@ -234,8 +236,10 @@ def test_mirrored_two_replicas_match_one_device(layout):
         y = np.zeros((16, 2), "float32")
         y[:, 0] = [0, 1, 2, 4, 3, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]
         y[x["task"] == 3] = rng.normal(size=(6, 2))
-        y[5, 0] = np.nan  # a missing label
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        y[5, 0] = np.nan  # a missing label: sample weight 0 leaves it out
+        weights = np.ones(16, "float32")
+        weights[5] = 0.0
+        data = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(16)
         nan_labels = False
     else:
         x = {"image": rng.random((16, 8, 8, 1)).astype("float32")}

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from mtl_keras.input_checks import check_sigma
+
 ROUTING_MODES = ("partition", "independent")
 
 
@@ -67,15 +69,7 @@ def routing_masks(num_units, num_tasks, sigma, seed, mode="partition"):
 
 
 def _check_sigma(sigma):
-    try:
-        ok = 0.0 <= float(sigma) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"sigma (the sharing ratio) must be a number in [0, 1], got {sigma!r}: "
-            "1 shares every unit between all tasks, 0 gives each task its own units."
-        )
+    check_sigma(sigma)
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
