@@ -30,7 +30,7 @@ from mtl_keras.export import export_for_serving  # noqa: E402
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
-from mtl_keras.reporting import write_json  # noqa: E402
+from mtl_keras.reporting import ensure_writable_dir, write_json  # noqa: E402
 from mtl_keras.sharing import SelectiveSharing  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
 
@@ -115,9 +115,17 @@ def main(argv=None):
     strategy = get_strategy(config.strategy)
     started = time.time()
     keras.utils.set_random_seed(config.seed)
+    # Folders that cannot be written fail now, not after the training they would hold.
+    try:
+        output = ensure_writable_dir(args.output, "--output") if args.output else run_directory("omniglot")
+        if not args.no_export:
+            ensure_writable_dir(args.export_dir, "--export-dir")
+        if args.backup_dir:
+            ensure_writable_dir(args.backup_dir, "--backup-dir")
+    except OSError as e:
+        raise SystemExit(f"train_omniglot: error: {e if e.filename else e.strerror}")
     with RunProvenance(argv, __file__) as provenance:
-        report, output, tasks = train_and_export(args, config, strategy, run_directory("omniglot", args.output),
-                                                 started)
+        report, output, tasks = train_and_export(args, config, strategy, output, started)
     report.update(command=provenance.record["command"], provenance=provenance.record)
     plot_task_bars(report["test_accuracy"], output / "accuracy.png",
                    title=f"Omniglot per-alphabet test accuracy (sigma={config.sigma}, "
