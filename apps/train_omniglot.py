@@ -22,7 +22,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
-from mtl_keras.distribute import backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas  # noqa: E402
+from mtl_keras.distribute import (  # noqa: E402
+    BackupAndRestore, backup_dir_for_worker, enable_determinism, epoch_stream, get_strategy, is_chief,
+    prepare_for_replicas, resume_epoch, train_steps,
+)
 from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
 from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
 from mtl_keras.experiments.training import build_model  # noqa: E402
@@ -47,7 +50,11 @@ def parse_args(argv=None):
                    help="SavedModel root for TF Serving; the next integer version is created inside")
     o.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     o.add_argument("--backup-dir", default=None,
-                   help="BackupAndRestore folder: an interrupted run restarts from its last epoch")
+                   help="BackupAndRestore folder: a killed run, started again with the same command, "
+                        "resumes after its last finished epoch")
+    o.add_argument("--deterministic", action="store_true",
+                   help="deterministic TensorFlow ops: a resumed run ends with exactly the weights of an "
+                        "uninterrupted one (may be slower)")
     o.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return p.parse_args(argv)
 
@@ -59,8 +66,12 @@ def train_and_export(args, config, strategy, output, started):
     print(f"Omniglot: {len(data.tasks)} alphabets, {data.num_examples} examples, "
           f"{config.image_size}x{config.image_size} images")
     train = prepare_for_replicas(data.train, config.batch_size, strategy, training=True)
+    steps = train_steps(data.num_examples["train"], config.batch_size, strategy)
     validation = prepare_for_replicas(data.validation, config.batch_size, strategy)
     test = prepare_for_replicas(data.test, config.batch_size, strategy)
+    # Seeded again here: preparing the data set on a first run draws from
+    # the global RNGs, and the initial weights must not depend on whether it did.
+    keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl")
     params_before = model.count_params()
@@ -77,6 +88,8 @@ def train_and_export(args, config, strategy, output, started):
     # Each worker backs up into its own folder; Selective Sharing's record of
     # merges goes beside that worker's BackupAndRestore state.
     backup_dir = backup_dir_for_worker(args.backup_dir, strategy) if args.backup_dir else None
+    # A resumed run reads on from where the killed one's last finished epoch ended.
+    train = epoch_stream(train, steps, start_epoch=resume_epoch(backup_dir) if backup_dir else 0)
     sharing = None
     if config.sharing != "none":
         sharing = SelectiveSharing(
@@ -85,8 +98,8 @@ def train_and_export(args, config, strategy, output, started):
         )
         callbacks.insert(0, sharing)
     if backup_dir:
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
-    history = model.fit(train, validation_data=validation, epochs=config.epochs,
+        callbacks.append(BackupAndRestore(backup_dir))
+    history = model.fit(train, steps_per_epoch=steps, validation_data=validation, epochs=config.epochs,
                         callbacks=callbacks, verbose=args.verbose, shuffle=False)
     train_seconds = time.time() - started
     test_logs = model.evaluate(test, return_dict=True, verbose=0)
@@ -115,6 +128,8 @@ def main(argv=None):
     strategy = get_strategy(config.strategy)
     started = time.time()
     keras.utils.set_random_seed(config.seed)
+    if args.deterministic:
+        enable_determinism()
     # Folders that cannot be written fail now, not after the training they would hold.
     try:
         output = ensure_writable_dir(args.output, "--output") if args.output else run_directory("omniglot")
