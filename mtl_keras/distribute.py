@@ -510,9 +510,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     whenever the process dies, the folder holds one complete, consistent
     state.
 
-    It also saves the state of every `keras.random.SeedGenerator` of the
-    model (dropout masks), which Keras' weight files leave out, so that a
-    resumed run draws the same masks as an uninterrupted one.
+    It also saves the state of every random generator of the model (the
+    `keras.random.SeedGenerator`s that draw dropout masks), which Keras'
+    weight files leave out, so that a resumed run draws the same masks as an
+    uninterrupted one.
 
     Saves at epoch ends only: Keras restarts an interrupted epoch from its
     first batch, so a mid-epoch save would train part of an epoch twice.
@@ -549,7 +550,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(weights)
-        _set_seed_states(self.model, metadata.get("seed_generators", {}), self.backup_dir)
+        if "seed_generators" in metadata:
+            _set_seed_states(self.model, metadata["seed_generators"], self.backup_dir)
         self.model._initial_epoch = int(metadata["epoch"])
 
     def _save_model(self):
@@ -578,29 +580,33 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 os.remove(path)
 
 
-def _seed_generators(model):
-    """`{key: SeedGenerator}` of every layer of `model`, keyed by layer path."""
-    found = {}
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for i, generator in enumerate(getattr(layer, "_seed_generators", ())):
-            found[f"{getattr(layer, 'path', layer.name)}/{i}"] = generator
-    return found
+# The name Keras gives every `SeedGenerator`'s state variable.
+_SEED_STATE = "seed_generator_state"
+
+
+def _seed_variables(model):
+    """The state variables of `model`'s random generators, in the model's (structural) order.
+
+    In `model.variables` but not in its weight files. Their paths carry
+    process-wide name counters (`seed_generator_7/...`), so they are matched
+    by position, which only the model's structure decides.
+    """
+    return [v for v in model.variables if v.name == _SEED_STATE]
 
 
 def _seed_states(model):
-    return {k: np.asarray(g.state.numpy()).tolist() for k, g in _seed_generators(model).items()}
+    return [np.asarray(v.numpy()).tolist() for v in _seed_variables(model)]
 
 
 def _set_seed_states(model, states, backup_dir):
-    generators = _seed_generators(model)
-    if states and set(states) != set(generators):
+    variables = _seed_variables(model)
+    if len(states) != len(variables):
         raise ValueError(
-            f"The backup in {backup_dir} is of another model: its random generators "
-            f"{sorted(set(states) ^ set(generators))} do not match; delete it to train from the start."
+            f"The backup in {backup_dir} is of another model: it holds {len(states)} random generator states, "
+            f"the model has {len(variables)}; delete it to train from the start."
         )
-    for key, value in states.items():
-        generator = generators[key]
-        generator.state.assign(np.asarray(value, dtype=generator.state.dtype))
+    for variable, value in zip(variables, states):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def _fsync(path):
