@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["mtl_keras", "mtl_keras.*"]),
-    python_requires=">=3.10",
+    # What the pins need: Keras 3.15, NumPy 2.4, scikit-learn 1.9, SciPy 1.17, Matplotlib 3.11 and
+    # Pillow 13 require Python >= 3.11; TensorFlow 2.21 ships wheels for 3.10-3.13 only.
+    python_requires=">=3.11,<3.14",
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<3.16",

@@ -26,7 +26,10 @@ import tensorflow as tf  # noqa: E402
 from mtl_keras.callbacks import NonFiniteLossError  # noqa: E402
 from mtl_keras.data.omniglot import OmniglotArchiveError, OmniglotNotFoundError  # noqa: E402
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
-from mtl_keras.distribute import backup_dir_for_worker, get_strategy, is_chief, prepare_for_replicas  # noqa: E402
+from mtl_keras.distribute import (  # noqa: E402
+    BackupAndRestore, backup_dir_for_worker, enable_determinism, epoch_stream, get_strategy, is_chief,
+    prepare_for_replicas, resume_epoch, train_steps,
+)
 from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
 from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
 from mtl_keras.experiments.training import build_model  # noqa: E402
@@ -35,7 +38,7 @@ from mtl_keras.input_checks import check_fraction, check_sigma, describe_error, 
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
-from mtl_keras.reporting import write_json  # noqa: E402
+from mtl_keras.reporting import ensure_writable_dir, write_json  # noqa: E402
 from mtl_keras.sharing import SelectiveSharing  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
 
@@ -55,7 +58,11 @@ def parse_args(argv=None):
                    help="SavedModel root for TF Serving; the next integer version is created inside")
     o.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     o.add_argument("--backup-dir", default=None,
-                   help="BackupAndRestore folder: an interrupted run restarts from its last epoch")
+                   help="BackupAndRestore folder: a killed run, started again with the same command, "
+                        "resumes after its last finished epoch")
+    o.add_argument("--deterministic", action="store_true",
+                   help="deterministic TensorFlow ops: a resumed run ends with exactly the weights of an "
+                        "uninterrupted one (may be slower)")
     o.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     args = p.parse_args(argv)
     try:  # refused here, before minutes of data preparation
@@ -74,8 +81,12 @@ def train_and_export(args, config, strategy, output, started):
           f"{config.image_size}x{config.image_size} images")
     require_one_global_batch(data.num_examples["train"], config.batch_size, strategy.num_replicas_in_sync)
     train = prepare_for_replicas(data.train, config.batch_size, strategy, training=True)
+    steps = train_steps(data.num_examples["train"], config.batch_size, strategy)
     validation = prepare_for_replicas(data.validation, config.batch_size, strategy)
     test = prepare_for_replicas(data.test, config.batch_size, strategy)
+    # Seeded again here: preparing the data set on a first run draws from
+    # the global RNGs, and the initial weights must not depend on whether it did.
+    keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl")
     params_before = model.count_params()
@@ -92,6 +103,10 @@ def train_and_export(args, config, strategy, output, started):
     # Each worker backs up into its own folder; Selective Sharing's record of
     # merges goes beside that worker's BackupAndRestore state.
     backup_dir = backup_dir_for_worker(args.backup_dir, strategy) if args.backup_dir else None
+    # A resumed run reads on from where the killed one's last finished epoch ended; batch
+    # norm is re-estimated on a fresh pass, the same whether the run was resumed or not.
+    one_pass = train
+    train = epoch_stream(train, steps, start_epoch=resume_epoch(backup_dir) if backup_dir else 0)
     sharing = None
     if config.sharing != "none":
         sharing = SelectiveSharing(
@@ -100,9 +115,9 @@ def train_and_export(args, config, strategy, output, started):
         )
         callbacks.insert(0, sharing)
     if backup_dir:
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
-    history = model.fit(train, validation_data=validation, epochs=config.epochs,
-                        callbacks=callbacks, verbose=args.verbose, shuffle=False)
+        callbacks.append(BackupAndRestore(backup_dir))
+    history = model.fit(train, steps_per_epoch=steps, validation_data=validation, epochs=config.epochs,
+                        callbacks=callbacks, verbose=args.verbose, shuffle=False, recalibrate_batch_norm=one_pass)
     train_seconds = time.time() - started
     test_logs = model.evaluate(test, return_dict=True, verbose=0)
     if not chief:
@@ -130,10 +145,20 @@ def main(argv=None):
     strategy = get_strategy(config.strategy)
     started = time.time()
     keras.utils.set_random_seed(config.seed)
+    if args.deterministic:
+        enable_determinism()
+    # Folders that cannot be written fail now, not after the training they would hold.
+    try:
+        output = ensure_writable_dir(args.output, "--output") if args.output else run_directory("omniglot")
+        if not args.no_export:
+            ensure_writable_dir(args.export_dir, "--export-dir")
+        if args.backup_dir:
+            ensure_writable_dir(args.backup_dir, "--backup-dir")
+    except OSError as e:
+        raise SystemExit(f"train_omniglot: error: {e if e.filename else e.strerror}")
     try:
         with RunProvenance(argv, __file__) as provenance:
-            report, output, tasks = train_and_export(args, config, strategy, run_directory("omniglot", args.output),
-                                                     started)
+            report, output, tasks = train_and_export(args, config, strategy, output, started)
     except RUN_ERRORS as e:
         raise SystemExit(f"train_omniglot: {describe_error(e)}") from e
     report.update(command=provenance.record["command"], provenance=provenance.record)

@@ -278,15 +278,19 @@ class FitRecalibration:
             self.run()
 
 
-def fit(model, super_fit, args, kwargs, steps=None):
-    """`super_fit(*args, **kwargs)` (Keras' fit) with the re-estimates; returns its History."""
+def fit(model, super_fit, args, kwargs, steps=None, data=None):
+    """`super_fit(*args, **kwargs)` (Keras' fit) with the re-estimates; returns its History.
+
+    `data` is the dataset to re-estimate on (default: fit's training data).
+    """
     if getattr(model, "optimizer", None) is None or not batch_norm_layers(_trunk(model)):
         # Nothing to re-estimate, or not compiled: Keras' own fit() says so.
         return super_fit(*args, **kwargs)
     bound = _FIT_SIGNATURE.bind(model, *args, **kwargs)
     bound.apply_defaults()
     arguments = bound.arguments
-    data = _training_dataset(arguments, model.distribute_strategy)
+    if data is None:
+        data = _training_dataset(arguments, model.distribute_strategy)
     if data is None:
         warnings.warn(
             "Batch-norm statistics are not re-estimated after fit() on a generator or PyDataset (it may not be "

@@ -31,11 +31,25 @@ Example:
 >>> train = prepare_for_replicas(make_train().batch(batch), batch, strategy, training=True)
 >>> val = prepare_for_replicas(make_val().batch(batch), batch, strategy)
 >>> model.fit(train, validation_data=val, epochs=3)
+
+**Resuming a killed run.** `BackupAndRestore` (Keras' callback, made crash
+safe) keeps the state of the last finished epoch; `resume_epoch` reads which
+epoch that is before `fit`, so that `epoch_stream` can give the resumed run
+the batches the uninterrupted run would have seen from there on; with
+`enable_determinism` (op determinism and seeds) the resumed run then ends
+with the very weights of an uninterrupted one:
+
+>>> steps = train_steps(num_examples, batch, strategy)
+>>> train = epoch_stream(train, steps, start_epoch=resume_epoch(backup_dir))
+>>> model.fit(train, steps_per_epoch=steps, epochs=3, callbacks=[BackupAndRestore(backup_dir)])
 """
 
+import glob
 import json
 import os
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
@@ -403,3 +417,201 @@ def backup_dir_for_worker(backup_dir, strategy=None):
         return str(backup_dir)
     kind = resolver.task_type or "worker"
     return os.path.join(str(backup_dir), f"{kind}_{int(resolver.task_id or 0)}")
+
+
+def enable_determinism(seed=None):
+    """Makes every TensorFlow op (and `tf.data`) deterministic; with `seed`, also seeds every RNG.
+
+    Two runs (or a killed run and its resumption) on the same machine and
+    software then end with bit-identical weights. The cost: ops without a
+    deterministic kernel raise `UnimplementedError` (none in this library on
+    CPU), TensorFlow random ops without a seed raise, and `tf.data` gives up
+    the parallelism that could reorder elements (this library's pipelines
+    are already ordered). On GPUs some ops switch to slower kernels.
+    Cannot be undone in the process.
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def train_steps(num_examples, global_batch, strategy=None):
+    """Batches per epoch of a training set of `num_examples` batched by `global_batch`.
+
+    One device trains on the last, smaller batch too; several replicas drop
+    it (`prepare_for_replicas(training=True)`).
+
+    Raises:
+        ValueError: when that leaves no batch at all.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    full, rest = divmod(int(num_examples), int(global_batch))
+    steps = full if strategy.num_replicas_in_sync > 1 else full + (rest > 0)
+    if steps < 1:
+        raise ValueError(
+            f"{num_examples} training examples make no full global batch of {global_batch} over "
+            f"{strategy.num_replicas_in_sync} replicas; use a smaller batch size or more data."
+        )
+    return steps
+
+
+def epoch_stream(dataset, steps_per_epoch, start_epoch=0):
+    """`dataset` repeated without end, from the first batch of epoch `start_epoch`.
+
+    Give `fit` this with `steps_per_epoch`. `fit` then reads the stream with
+    one iterator, so epoch `e` gets the `e`-th pass over `dataset` (a
+    reshuffled dataset: the `e`-th order of its seed) whether the process
+    trained epochs `0..e-1` itself or a killed process did and this one
+    resumed: the finished epochs' batches are read and skipped (input
+    pipeline work only, no training), never replayed from a new first order.
+
+    Args:
+        dataset: the batched training dataset (`steps_per_epoch` batches per pass).
+        steps_per_epoch: batches per pass, e.g. from `train_steps`.
+        start_epoch: epochs already trained (`resume_epoch`).
+    """
+    stream = dataset.repeat()
+    if start_epoch:
+        stream = stream.skip(int(start_epoch) * int(steps_per_epoch))
+    return stream
+
+
+BACKUP_METADATA = "training_metadata.json"
+
+
+def resume_epoch(backup_dir):
+    """The number of finished epochs a `BackupAndRestore` folder holds (0 when there is no backup).
+
+    Raises:
+        ValueError: when the folder's metadata cannot be read (a backup
+            written by something else, or damaged by hand).
+    """
+    path = os.path.join(str(backup_dir), BACKUP_METADATA)
+    if not os.path.exists(path):
+        return 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"Cannot read the backup state {path} ({e}); delete {backup_dir} to train from the start."
+        ) from None
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' `BackupAndRestore`, safe against a kill at any instant and exact on resume.
+
+    Keras writes `latest.weights.h5` in place and the epoch number after it,
+    so a process killed while saving leaves a truncated file (the restart
+    fails) or weights one epoch ahead of the recorded epoch (the restart
+    silently trains an epoch twice). Here each epoch's state is written to
+    files of its own, flushed to disk, and committed by one atomic rename of
+    `training_metadata.json`, which names the weights file it belongs to:
+    whenever the process dies, the folder holds one complete, consistent
+    state.
+
+    It also saves the state of every random generator of the model (the
+    `keras.random.SeedGenerator`s that draw dropout masks), which Keras'
+    weight files leave out, so that a resumed run draws the same masks as an
+    uninterrupted one.
+
+    Saves at epoch ends only: Keras restarts an interrupted epoch from its
+    first batch, so a mid-epoch save would train part of an epoch twice.
+
+    Args:
+        backup_dir: the folder (one per worker in a multi-worker job, see
+            `backup_dir_for_worker`).
+        delete_checkpoint: delete the folder when `fit` completes.
+    """
+
+    def __init__(self, backup_dir, delete_checkpoint=True):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
+
+    def on_train_begin(self, logs=None):
+        # No fallback to a previous copy (Keras' double_checkpoint): the
+        # state on disk is always complete.
+        self._load_model()
+
+    def _load_model(self):
+        if not self.model.built:
+            raise ValueError("BackupAndRestore needs a built model; call it on a batch of data before fit().")
+        metadata_path = os.path.join(self.backup_dir, BACKUP_METADATA)
+        if not os.path.exists(metadata_path):
+            return
+        with open(metadata_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+        # A backup written by Keras' own callback has no "weights" entry.
+        weights = os.path.join(self.backup_dir, metadata.get("weights", "latest.weights.h5"))
+        if not os.path.exists(weights):
+            raise FileNotFoundError(
+                f"The backup in {self.backup_dir} names {weights}, which is missing; "
+                f"delete {self.backup_dir} to train from the start."
+            )
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(weights)
+        if "seed_generators" in metadata:
+            _set_seed_states(self.model, metadata["seed_generators"], self.backup_dir)
+        self.model._initial_epoch = int(metadata["epoch"])
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        name = f"epoch-{self._current_epoch:06d}.weights.h5"
+        final = os.path.join(self.backup_dir, name)
+        partial = os.path.join(self.backup_dir, f"epoch-{self._current_epoch:06d}.partial.weights.h5")
+        self.model.save_weights(partial, overwrite=True)
+        _fsync(partial)
+        os.replace(partial, final)
+        metadata = {
+            "epoch": self._current_epoch,
+            "batch": self._last_batch_seen,
+            "weights": name,
+            "seed_generators": _seed_states(self.model),
+        }
+        metadata_path = os.path.join(self.backup_dir, BACKUP_METADATA)
+        with open(metadata_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(metadata, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(metadata_path + ".tmp", metadata_path)  # the commit
+        _fsync(self.backup_dir)
+        for path in glob.glob(os.path.join(glob.escape(self.backup_dir), "*.weights.h5")):
+            if os.path.basename(path) != name:
+                os.remove(path)
+
+
+# The name Keras gives every `SeedGenerator`'s state variable.
+_SEED_STATE = "seed_generator_state"
+
+
+def _seed_variables(model):
+    """The state variables of `model`'s random generators, in the model's (structural) order.
+
+    In `model.variables` but not in its weight files. Their paths carry
+    process-wide name counters (`seed_generator_7/...`), so they are matched
+    by position, which only the model's structure decides.
+    """
+    return [v for v in model.variables if v.name == _SEED_STATE]
+
+
+def _seed_states(model):
+    return [np.asarray(v.numpy()).tolist() for v in _seed_variables(model)]
+
+
+def _set_seed_states(model, states, backup_dir):
+    variables = _seed_variables(model)
+    if len(states) != len(variables):
+        raise ValueError(
+            f"The backup in {backup_dir} is of another model: it holds {len(states)} random generator states, "
+            f"the model has {len(variables)}; delete it to train from the start."
+        )
+    for variable, value in zip(variables, states):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

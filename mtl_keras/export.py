@@ -16,19 +16,37 @@ Signatures (all inputs and outputs named, never `args_0`):
   `logits` `[B, max_outputs]`.
 - `task_<name>(image)`: the same outputs for one task, sized to that task.
 
-A task id outside `[0, num_tasks)` fails the request with an
-`InvalidArgumentError` naming the valid range; a wrong image shape is
-rejected by the signature itself.
+Requests the model cannot answer fail with an `InvalidArgumentError` whose
+message says what is wrong (TF Serving returns it with HTTP 400): an image
+of another shape or rank than `[batch, *input_shape]`, a `task` that is not
+a vector, image and task batches of different sizes, an empty batch, NaN or
+infinite pixels, a task id outside `[0, num_tasks)`. A wrong dtype is
+refused before the graph runs, by TensorFlow's signature binding (in
+process: "input #i was expected to be a float tensor"; TF Serving's REST
+layer converts JSON numbers to the signature's dtypes and refuses what does
+not convert).
+
+**Crash safety.** A version folder appears under the base path complete or
+not at all: the export is written to a hidden staging folder beside it
+(`.<version>.tmp-<host>-<pid>-...`, a name TF Serving ignores since it is
+not an integer), flushed to disk, then renamed to `<version>` in one
+`rename`; `overwrite=True` swaps old and new in one `renameat2` exchange
+(Linux; elsewhere the old version is moved aside first, and put back by the
+next export if the process died in between). Staging folders left by a
+killed export of this host are removed by the next export.
 
 The version folder also holds `assets/mtl_keras_tasks.json`: task names,
 kinds, class counts, input shape, the Selective Sharing groups and, for each
 routing layer, sigma, mode and seed.
 """
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -142,6 +160,9 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
     >>> out["predicted_class"]
     """
     base = Path(base_dir)
+    if base.is_dir():
+        # First, so that a version a killed overwrite moved aside is back before the next is picked.
+        _remove_dead_staging(base)
     if version is None:
         version = next_version(base)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
@@ -158,17 +179,40 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
     task_spec = tf.TensorSpec((None,), tf.int32, name="task")
     expected_shape = [int(d) for d in image_spec.shape[1:]]
 
+    image_pattern = r"\d+," + ",".join(map(str, expected_shape))
+    shape_message = (f"image must have shape [batch, {', '.join(map(str, expected_shape))}] "
+                     "(resize the images to the input size of the model); got shape")
+
     def predict(image, task):
+        # One check at a time, in this order: each later check reads what
+        # the earlier ones vouch for, and the first problem is the one named.
+        image_shape = _shape_text(image)
+        # An empty JSON list arrives as shape [0]: named as the empty batch it is.
+        with tf.control_dependencies([
+            tf.debugging.Assert(~tf.strings.regex_full_match(image_shape, r"0(,\d+)*"),
+                                ["empty batch: send at least one image and its task id."]),
+        ]):
+            image_shape = tf.identity(image_shape)
+        with tf.control_dependencies([
+            tf.debugging.Assert(tf.strings.regex_full_match(image_shape, image_pattern), [shape_message, image_shape])
+        ]):
+            task_shape = _shape_text(task)
+        with tf.control_dependencies([
+            tf.debugging.Assert(tf.strings.regex_full_match(task_shape, r"\d+"),
+                                ["task must be a vector of int32 task ids, one per image; got shape", task_shape]),
+        ]):
+            batch = tf.shape(image)[0]
+            task_batch = tf.shape(task)[0]
+        with tf.control_dependencies([
+            tf.debugging.Assert(tf.equal(batch, task_batch),
+                                ["image and task must have the same batch size; got", batch, "images and",
+                                 task_batch, "task ids."]),
+        ]):
+            batch = tf.identity(batch)
+        finite = tf.reduce_all(tf.math.is_finite(tf.reshape(image, [batch, -1])), axis=1)
         checks = [
-            tf.debugging.assert_equal(
-                tf.shape(image)[1:], tf.constant(expected_shape, tf.int32),
-                message=f"image must have shape [batch, {', '.join(map(str, expected_shape))}] "
-                "(resize the images to the input size of the model).",
-            ),
-            tf.debugging.assert_equal(
-                tf.shape(image)[0], tf.shape(task)[0],
-                message="image and task must have the same batch size.",
-            ),
+            tf.debugging.Assert(tf.reduce_all(finite),
+                                ["image has NaN or infinite pixels in examples", tf.where(~finite)[:, 0]]),
             tf.debugging.assert_greater_equal(
                 task, 0, message=f"task ids must be in [0, {num_tasks}); got a negative id."
             ),
@@ -208,22 +252,138 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
 
             archive.add_endpoint(name, one_task, input_signature=[image_spec])
 
-    # Write next to the target, then rename: TF Serving polls base_dir and
-    # must never see a half-written version.
     base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(version)}{os.getpid()}-", dir=base))
+    old = None
     try:
+        # mkdtemp makes a private (0700) folder; a server running as another
+        # user must be able to read the version, as with any folder made here.
+        os.chmod(staging, 0o777 & ~_umask())
         archive.write_out(str(staging), verbose=False)
         assets = staging / "assets"
         assets.mkdir(exist_ok=True)
         (assets / METADATA_FILE).write_text(json.dumps(serving_metadata(model), indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        # Renamed data can reach the disk before its contents do: a power
+        # cut must not leave an integer folder of empty files either.
+        _fsync_tree(staging)
+        if target.exists() and _exchange(staging, target):
+            # One atomic swap: the old version is in `staging` now.
+            pass
+        else:
+            if target.exists():
+                # No atomic swap here: move the old version aside in one
+                # rename (a kill during a recursive delete would leave a
+                # half-deleted version visible); a kill before the next
+                # rename leaves it aside, and the next export puts it back.
+                old = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(version)}{os.getpid()}-old-", dir=base))
+                os.replace(target, old / str(version))
+            os.replace(staging, target)
+        _fsync_dir(base)
     except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old / str(version), target)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _shape_text(tensor):
+    """The runtime shape of `tensor` as text, e.g. `"2,8,8,1"`.
+
+    A signature input's rank is fixed when the graph is built, so TensorFlow
+    folds rank and size ops to constants; yet a request of another rank still
+    reaches the graph (neither a loaded signature nor TF Serving checks fed
+    shapes). Text built from the `Shape` op itself is never folded away.
+    """
+    return tf.strings.reduce_join(tf.strings.as_string(tf.shape(tensor)), separator=",")
+
+
+def _staging_prefix(version):
+    # Host and pid identify the writer, so that another export can tell a
+    # killed writer's leftovers from a live one's work in progress.
+    return f".{version}.tmp-{socket.gethostname()}-"
+
+
+def _remove_dead_staging(base):
+    """Removes staging folders of exports on this host whose process is gone.
+
+    A version moved aside by an overwrite that was killed before the new one
+    took its place goes back first.
+    """
+    host = f"-{socket.gethostname()}-"
+    for path in sorted(base.iterdir()):
+        name = path.name
+        if not (name.startswith(".") and ".tmp" + host in name and path.is_dir()):
+            continue
+        pid = name.split(".tmp" + host, 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        for aside in path.iterdir() if "-old-" in name else ():
+            if aside.name.isdigit() and not (base / aside.name).exists():
+                os.replace(aside, base / aside.name)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a, b):
+    """Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    # The file system or kernel does not support it (EINVAL, ENOSYS, ...).
+    return False
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _umask():
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(root):
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_metadata(export_dir):

@@ -459,12 +459,15 @@ class MultiTaskModel(GuardedModel):
         average of the batch statistics of N training batches under the
         final weights, so that a run of a few dozen steps evaluates as it
         trained. `recalibrate_batch_norm` (default: the model's attribute of
-        that name, True) turns it off for this call.
+        that name, True) turns it off for this call, or gives the
+        `tf.data.Dataset` to re-estimate on instead of the training data
+        (e.g. one pass of it when `fit` reads an endless stream).
         """
         enabled = self.recalibrate_batch_norm if recalibrate_batch_norm is None else recalibrate_batch_norm
-        if not enabled:
+        if enabled is False or enabled is None:
             return super().fit(*args, **kwargs)
-        return batch_norm.fit(self, super().fit, args, kwargs)
+        data = None if enabled is True else enabled
+        return batch_norm.fit(self, super().fit, args, kwargs, data=data)
 
     def evaluate(self, *args, **kwargs):
         # Keras' fit() validates through evaluate(..., _use_cached_eval_dataset=True).

@@ -1,6 +1,7 @@
 """One worker of the MultiWorkerMirroredStrategy test (run by tests/test_distribute.py).
 
     python tests/multiworker_worker.py --index I --ports P0,P1 --out weights_I.npz [--epochs N --backup DIR]
+        [--stop-at EPOCH:BATCH]
 
 Sets `TF_CONFIG` for a cluster of workers on 127.0.0.1, trains the tiny
 model below for a few steps under `get_strategy("auto")` (which must pick
@@ -8,13 +9,17 @@ MultiWorkerMirroredStrategy from `TF_CONFIG`) and saves every weight to
 `--out`. With `--backup`, a `BackupAndRestore` callback in this worker's
 own sub-directory (`backup_dir_for_worker`) keeps the state after every
 epoch, so a second run with more epochs resumes where the first ended, as
-a restarted job would. The test also imports `build_model` / `make_dataset` to train the
-same model on one device as the reference.
+a restarted job would. With `--stop-at E:B` the worker stops itself
+(SIGSTOP) after batch B of epoch E (both from 0), printing a line first, so
+that a test can kill it there with SIGKILL. The test also imports
+`build_model` / `make_dataset` to train the same model on one device as the
+reference.
 """
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -74,6 +79,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--backup", default=None)
+    p.add_argument("--stop-at", default=None, help="EPOCH:BATCH after which this worker stops itself")
     args = p.parse_args(argv)
 
     ports = [int(x) for x in args.ports.split(",")]
@@ -92,7 +98,7 @@ def main(argv=None):
 
     import keras
 
-    from mtl_keras.distribute import backup_dir_for_worker, get_strategy, is_chief, shard_dataset
+    from mtl_keras.distribute import BackupAndRestore, backup_dir_for_worker, get_strategy, is_chief, shard_dataset
 
     started = time.time()
     # The strategy must exist before any other TensorFlow op runs.
@@ -104,9 +110,20 @@ def main(argv=None):
     if args.backup:
         # Kept after fit (delete_checkpoint=False) so that the test can
         # restart the job from it.
-        callbacks.append(
-            keras.callbacks.BackupAndRestore(backup_dir_for_worker(args.backup, strategy), delete_checkpoint=False)
-        )
+        callbacks.append(BackupAndRestore(backup_dir_for_worker(args.backup, strategy), delete_checkpoint=False))
+    if args.stop_at:
+        stop_epoch, stop_batch = (int(x) for x in args.stop_at.split(":"))
+
+        class StopHere(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+
+            def on_train_batch_end(self, batch, logs=None):
+                if (self.epoch, batch) == (stop_epoch, stop_batch):
+                    print(f"worker {args.index}: stopped at epoch {stop_epoch} batch {stop_batch}", flush=True)
+                    os.kill(os.getpid(), signal.SIGSTOP)
+
+        callbacks.append(StopHere())
     history = model.fit(
         shard_dataset(make_dataset(), "data"), epochs=args.epochs, callbacks=callbacks, verbose=0, shuffle=False
     )
