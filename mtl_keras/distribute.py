@@ -52,6 +52,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtl_keras.reporting import fsync_path
+
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 TF_CONFIG_ENV = "TF_CONFIG"
 
@@ -560,7 +562,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         final = os.path.join(self.backup_dir, name)
         partial = os.path.join(self.backup_dir, f"epoch-{self._current_epoch:06d}.partial.weights.h5")
         self.model.save_weights(partial, overwrite=True)
-        _fsync(partial)
+        fsync_path(partial)
         os.replace(partial, final)
         metadata = {
             "epoch": self._current_epoch,
@@ -574,7 +576,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             f.flush()
             os.fsync(f.fileno())
         os.replace(metadata_path + ".tmp", metadata_path)  # the commit
-        _fsync(self.backup_dir)
+        fsync_path(self.backup_dir)
         for path in glob.glob(os.path.join(glob.escape(self.backup_dir), "*.weights.h5")):
             if os.path.basename(path) != name:
                 os.remove(path)
@@ -607,11 +609,3 @@ def _set_seed_states(model, states, backup_dir):
         )
     for variable, value in zip(variables, states):
         variable.assign(np.asarray(value, dtype=variable.dtype))
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

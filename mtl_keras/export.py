@@ -55,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_keras.backbones import routing_layers
+from mtl_keras.reporting import fsync_path
 
 METADATA_FILE = "mtl_keras_tasks.json"
 
@@ -278,7 +279,7 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
                 old = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(version)}{os.getpid()}-old-", dir=base))
                 os.replace(target, old / str(version))
             os.replace(staging, target)
-        _fsync_dir(base)
+        fsync_path(base)
     except BaseException:
         if old is not None and not target.exists():
             os.replace(old / str(version), target)
@@ -370,20 +371,8 @@ def _umask():
 def _fsync_tree(root):
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(folder)
-
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 def load_metadata(export_dir):

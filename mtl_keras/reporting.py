@@ -122,3 +122,12 @@ def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def fsync_path(path):
+    """Flushes a file's or a folder's entry to disk, so a rename that follows survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
