@@ -88,7 +88,8 @@ def train_and_export(args, config, strategy, output, started):
     # the global RNGs, and the initial weights must not depend on whether it did.
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl")
+        model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl",
+                            steps_per_epoch=steps)
     params_before = model.count_params()
     print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) | {params_before:,} parameters | "
           f"sigma {config.sigma} | weighting {config.weighting} | sharing {config.sharing}")

@@ -1343,6 +1343,7 @@ def load_omniglot(
     seed=0,
     cache=True,
     download=True,
+    augment=None,
 ):
     """Loads Omniglot as one classification task per alphabet.
 
@@ -1352,7 +1353,8 @@ def load_omniglot(
     filter to the selected alphabets -> decode, invert is already done,
     resize (bilinear with antialiasing) and scale to [0, 1] -> `cache()` ->
     shuffle (train only, seeded, reshuffled every epoch) -> batch ->
-    prefetch. Output order is deterministic for a given `seed`.
+    augment (train only, optional) -> prefetch. Output order and
+    augmentation are deterministic for a given `seed`.
 
     A split smaller than `batch_size` gives one smaller batch.
 
@@ -1376,6 +1378,9 @@ def load_omniglot(
         download: download the official archives when they are found
             nowhere and nothing is prepared (`find_omniglot_dir`);
             `$MTL_KERAS_NO_DOWNLOAD=1` forbids it whatever this says.
+        augment: a `mtl_keras.augmentation.RandomAffine` applied to the
+            training batches (new transformations every epoch, seeded by
+            `seed`); None: no augmentation.
 
     Returns:
         An `OmniglotData`.
@@ -1444,6 +1449,8 @@ def load_omniglot(
         # bar has a target from the first epoch and Keras does not warn.
         ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples[split]))
         ds = ds.batch(batch_size, drop_remainder=False)
+        if split == "train" and augment is not None:
+            ds = augment.apply_to(ds, seed=seed)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     return OmniglotData(
