@@ -380,7 +380,7 @@ def _task_ids(task, names):
             ~tf.reduce_any(unknown),
             [f"unknown task: give a task name or its id as text. The tasks of this model (id name) are: {listing}. "
              f"They are also in assets/{METADATA_FILE} and, as {BYTES_PREFIX}task_<name> signatures, in "
-             "GET /v1/models/<model>/metadata. Unknown:", tf.boolean_mask(task, unknown)],
+             "GET /v1/models/<model>/metadata. Unknown:", tf.unique(tf.boolean_mask(task, unknown)).y],
             summarize=20),
     ]):
         return tf.identity(ids)
