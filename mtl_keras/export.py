@@ -33,9 +33,10 @@ message says what is wrong (TF Serving returns it with HTTP 400): an image
 of another shape or rank than `[batch, *input_shape]`, a `task` that is not
 a vector, image and task batches of different sizes, an empty batch, NaN or
 infinite pixels, a task id outside `[0, num_tasks)`; for the bytes
-signatures also empty, non-PNG/JPEG, GIF, animated or undecoded base64
-files (`image_preprocessing.check_requests`) and unknown task names (the
-message lists the tasks). A wrong dtype is
+signatures also empty, truncated, non-PNG/JPEG, GIF, animated, too large
+(over 16 megapixels) or undecoded base64 files
+(`image_preprocessing.check_requests`, `decode_images`) and unknown task
+names (the message lists the tasks). A wrong dtype is
 refused before the graph runs, by TensorFlow's signature binding (in
 process: "input #i was expected to be a float tensor"; TF Serving's REST
 layer converts JSON numbers to the signature's dtypes and refuses what does

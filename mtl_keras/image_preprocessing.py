@@ -15,7 +15,8 @@ with `channels=1` applies) -> transparent pixels laid over `background`
 `tf.image.convert_image_dtype` to float32 in [0, 1] -> when the size is not
 the target size, `tf.image.resize` and clipping to [0, 1] (resizing to the
 same size is skipped, as a pipeline that only resizes other sizes does).
-Images of another aspect ratio are stretched to the target size.
+Images of another aspect ratio are stretched to the target size. Images
+larger than `MAX_PIXELS` are refused from their header, before decoding.
 
 Example:
 
@@ -31,6 +32,9 @@ import tensorflow as tf
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+# 16 megapixels (4096 x 4096): decoding takes up to 4 bytes a pixel, so a few
+# hundred MB at most per image.
+MAX_PIXELS = 4096 * 4096
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 
 # What a client sends when it forgets the {"b64": ...} wrapper, or encodes twice:
@@ -164,18 +168,21 @@ def _contains(strings, part):
     return tf.strings.split(strings, part).row_lengths() > 1
 
 
-def decode_images(image_bytes, preprocessing):
+def decode_images(image_bytes, preprocessing, max_pixels=MAX_PIXELS):
     """Encoded PNG / JPEG files to a float32 `[B, height, width, channels]` batch in [0, 1].
 
-    Files may be of any size, grayscale or colour, with or without alpha
-    (see the module docstring for the exact steps). Bad files fail with an
-    `InvalidArgumentError` naming the problem and the examples
-    (`check_requests`); a file that passes those checks but is damaged fails
-    in the decoder ("Invalid PNG data", "Invalid JPEG data").
+    Files may be of any size up to `max_pixels`, grayscale or colour, with or
+    without alpha (see the module docstring for the exact steps). Bad files
+    fail with an `InvalidArgumentError` naming the problem and the examples
+    (`check_requests`; larger images: their size, read from the file's
+    header before decoding); a file that passes those checks but is damaged
+    fails in the decoder ("Invalid PNG", "Invalid JPEG data").
 
     Args:
         image_bytes: string tensor `[B]`, one encoded file per example.
         preprocessing: an `ImagePreprocessing`.
+        max_pixels: the largest height x width decoded (a small file can
+            declare a huge image; decoding it would exhaust memory).
 
     Returns:
         float32 tensor `[B, height, width, channels]`.
@@ -189,7 +196,25 @@ def decode_images(image_bytes, preprocessing):
     p = preprocessing
     image_bytes = check_requests(image_bytes)
 
-    def decode(data):
+    def decode(elems):
+        data, index = elems
+        is_png = tf.equal(tf.strings.substr(data, 0, 8), PNG_SIGNATURE)
+        # Width and height as the header gives them (PNG: IHDR, big-endian;
+        # JPEG: the frame header), so that no huge image is decoded.
+        size = tf.cond(
+            is_png,
+            lambda: tf.reverse(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.int32, little_endian=False), [0]),
+            lambda: tf.io.extract_jpeg_shape(data)[:2],
+        )
+        pixels = tf.reduce_prod(tf.cast(size, tf.int64))
+        with tf.control_dependencies([
+            tf.debugging.Assert(
+                tf.reduce_all(size > 0) & (pixels <= max_pixels),
+                ["image_bytes example", index, "is an image of (height, width)", size,
+                 f"; the largest accepted is {max_pixels} pixels: send a smaller image."]),
+        ]):
+            data = tf.identity(data)
+
         def png():
             pixels = tf.io.decode_png(data, channels=p.channels)
             # decode_png drops alpha when asked for 1 or 3 channels; a
@@ -214,7 +239,7 @@ def decode_images(image_bytes, preprocessing):
         def jpeg():
             return tf.io.decode_jpeg(data, channels=p.channels)
 
-        pixels = tf.cond(tf.equal(tf.strings.substr(data, 0, 8), PNG_SIGNATURE), png, jpeg)
+        pixels = tf.cond(is_png, png, jpeg)
         if p.invert:
             # On 8-bit values, as a data module that inverts files before encoding them does.
             pixels = tf.constant(255, tf.uint8) - pixels
@@ -228,4 +253,5 @@ def decode_images(image_bytes, preprocessing):
         image = tf.cond(same_size, lambda: image, resize)
         return tf.ensure_shape(image, p.shape)
 
-    return tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(p.shape, tf.float32))
+    return tf.map_fn(decode, (image_bytes, tf.range(tf.size(image_bytes, out_type=tf.int64))),
+                     fn_output_signature=tf.TensorSpec(p.shape, tf.float32))

@@ -10,9 +10,11 @@ import base64
 import io
 import json
 import re
+import struct
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -154,6 +156,19 @@ _jpeg = io.BytesIO()
 Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype("uint8")).save(_jpeg, format="JPEG")
 JPEG = _jpeg.getvalue()
 
+
+def _declaring(data, height, width):
+    """`data` (PNG or baseline JPEG) with its header saying height x width; the pixel data is unchanged."""
+    if data.startswith(b"\x89PNG"):
+        ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+        return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 5] + struct.pack(">HH", height, width) + data[sof + 9:]
+
+
+HUGE_PNG = _declaring(GOOD, 20000, 30000)
+HUGE_JPEG = _declaring(JPEG, 60000, 50000)
+
 # (case, image_bytes, task, the error's words)
 BAD_BYTES = [
     ("empty file", [GOOD, b""], ["0", "1"], r"image_bytes is empty: send the bytes of each image file\. Examples:\] \[1\]"),
@@ -163,6 +178,11 @@ BAD_BYTES = [
     ("base64 text", [base64.b64encode(GOOD)], ["0"], r"base64 text, not the decoded file: over REST send the JSON object \{b64: .*Examples:\] \[0\]"),
     ("truncated PNG", [GOOD, GOOD[:40]], ["0", "0"], r"image_bytes is a truncated file.*Examples:\] \[1\]"),
     ("truncated JPEG", [JPEG[:-200]], ["0"], r"image_bytes is a truncated file.*Examples:\] \[0\]"),
+    # A small file that declares a huge image: refused from its header, before decoding.
+    ("huge PNG", [GOOD, HUGE_PNG], ["0", "0"],
+     r"image_bytes example\] \[1\] \[is an image of \(height, width\)\] \[20000 30000\] "
+     r"\[; the largest accepted is 16777216 pixels: send a smaller image"),
+    ("huge JPEG", [HUGE_JPEG], ["0"], r"example\] \[0\] \[is an image of \(height, width\)\] \[60000 50000\]"),
     # Complete but damaged: the decoder's own message.
     ("damaged PNG", [GOOD[:33] + b"\0" * (len(GOOD) - 45) + GOOD[-12:]], ["0"], r"Invalid PNG"),
     ("not a vector", GOOD, "0", r"image_bytes must be a vector of encoded image files.*got shape\] \[\]"),
