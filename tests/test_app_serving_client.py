@@ -240,7 +240,8 @@ def test_files_are_sent_as_they_are(served, fmt):
         files, ref = _reference_from_files(served, task_id)
         encoded = [{"b64": base64.b64encode(f).decode()} for f in files]
         body = bodies[["Greek.v2", "Latin", "yes-no"].index(task.name)]
-        sent = [row["image_bytes"] for row in body["instances"]] if fmt == "instances" else body["inputs"]["image_bytes"]
+        sent = ([row["image_bytes"] for row in body["instances"]] if fmt == "instances"
+                else body["inputs"]["image_bytes"])
         assert sent == encoded  # the bytes of each file, unchanged
         label = client.signature_name(task.name)[len("task_"):]
         for i, path in enumerate(served["paths"]):

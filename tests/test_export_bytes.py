@@ -70,6 +70,7 @@ def omniglot_export(tmp_path_factory):
                 images=inputs["image"].numpy(), task=inputs["task"].numpy(), tasks=data.tasks)
 
 
+@pytest.mark.slow
 def test_archive_png_gives_the_training_image_and_prediction(omniglot_export):
     e = omniglot_export
     decoded = decode_images(tf.constant(e["files"]), omniglot.serving_preprocessing(SIZE)).numpy()
@@ -91,6 +92,7 @@ def test_archive_png_gives_the_training_image_and_prediction(omniglot_export):
     assert len(set(by_tensor["predicted_class"].numpy().tolist())) > 1
 
 
+@pytest.mark.slow
 def test_colour_alpha_jpeg_and_other_sizes(omniglot_export):
     prep = omniglot.serving_preprocessing(SIZE)
     original = omniglot_export["files"][0]
@@ -125,6 +127,7 @@ def test_colour_alpha_jpeg_and_other_sizes(omniglot_export):
         assert np.abs(image - expected).mean() < 0.03
 
 
+@pytest.mark.slow
 def test_metadata_records_the_preprocessing(omniglot_export):
     meta = load_metadata(omniglot_export["path"])
     assert ImagePreprocessing.from_json(meta["preprocessing"]) == omniglot.serving_preprocessing(SIZE)
@@ -171,11 +174,14 @@ HUGE_JPEG = _declaring(JPEG, 60000, 50000)
 
 # (case, image_bytes, task, the error's words)
 BAD_BYTES = [
-    ("empty file", [GOOD, b""], ["0", "1"], r"image_bytes is empty: send the bytes of each image file\. Examples:\] \[1\]"),
+    ("empty file", [GOOD, b""], ["0", "1"],
+     r"image_bytes is empty: send the bytes of each image file\. Examples:\] \[1\]"),
     ("GIF", [_gif()], ["0"], r"image_bytes is a GIF: send PNG or JPEG.*Examples:\] \[0\]"),
-    ("animated PNG", [GOOD, _apng()], ["0", "0"], r"image_bytes is an animated PNG: send one still frame.*Examples:\] \[1\]"),
+    ("animated PNG", [GOOD, _apng()], ["0", "0"],
+     r"image_bytes is an animated PNG: send one still frame.*Examples:\] \[1\]"),
     ("garbage", [b"not an image at all"], ["0"], r"neither a PNG nor a JPEG file: send.*Examples:\] \[0\]"),
-    ("base64 text", [base64.b64encode(GOOD)], ["0"], r"base64 text, not the decoded file: over REST send the JSON object \{b64: .*Examples:\] \[0\]"),
+    ("base64 text", [base64.b64encode(GOOD)], ["0"],
+     r"base64 text, not the decoded file: over REST send the JSON object \{b64: .*Examples:\] \[0\]"),
     ("truncated PNG", [GOOD, GOOD[:40]], ["0", "0"], r"image_bytes is a truncated file.*Examples:\] \[1\]"),
     ("truncated JPEG", [JPEG[:-200]], ["0"], r"image_bytes is a truncated file.*Examples:\] \[0\]"),
     # A small file that declares a huge image: refused from its header, before decoding.
