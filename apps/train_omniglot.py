@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.callbacks import NonFiniteLossError  # noqa: E402
-from mtl_keras.data.omniglot import OmniglotArchiveError, OmniglotNotFoundError  # noqa: E402
+from mtl_keras.data.omniglot import OmniglotArchiveError, OmniglotNotFoundError, serving_preprocessing  # noqa: E402
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import (  # noqa: E402
     BackupAndRestore, backup_dir_for_worker, enable_determinism, epoch_stream, get_strategy, is_chief,
@@ -128,7 +128,9 @@ def train_and_export(args, config, strategy, output, started):
     model.save(model_path)
     export_path = None
     if not args.no_export and chief:
-        export_path = export_for_serving(model, args.export_dir)
+        # With the preprocessing, the export also takes the image files as they are (serving_bytes).
+        export_path = export_for_serving(model, args.export_dir,
+                                         preprocessing=serving_preprocessing(config.image_size))
         print(f"SavedModel for TF Serving: {export_path}")
     report = training_report(
         "train_omniglot", config, model, test_logs, history, strategy=strategy, parameters_at_start=params_before,

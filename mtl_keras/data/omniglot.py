@@ -70,6 +70,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mtl_keras.image_preprocessing import ImagePreprocessing
 from mtl_keras.tasks import Task
 from mtl_keras.tasks import TaskSet
 
@@ -862,6 +863,32 @@ def _inverted_png(data, path, member):
     out = io.BytesIO()
     Image.fromarray(255 - pixels).convert("1").save(out, format="PNG")
     return out.getvalue()
+
+
+def serving_preprocessing(image_size=32):
+    """How `load_omniglot(image_size=...)` makes its images from an archive PNG, for an export.
+
+    The same steps as preparation (`_inverted_png`: to 8-bit grayscale, then
+    `255 - pixels`) and `load_omniglot`'s pipeline (to float32 in [0, 1];
+    when the size is not 105, bilinear resize with antialiasing, clipped to
+    [0, 1]). An archive PNG given to an export's bytes signature therefore
+    becomes the image training saw (tests/test_export_bytes.py checks it).
+    The 1-bit re-encoding of preparation changes nothing on the archive's
+    1-bit images; grey levels of other files are kept, not dithered.
+
+    Args:
+        image_size: the `image_size` the model was trained with.
+
+    Returns:
+        An `ImagePreprocessing`.
+
+    Example:
+
+    >>> export_for_serving(model, "saved_models/omniglot", preprocessing=serving_preprocessing(32))
+    """
+    size = _positive_int("image_size", image_size)
+    return ImagePreprocessing(height=size, width=size, channels=IMAGE_SHAPE[2], invert=True,
+                              resize_method="bilinear", antialias=True, background=255)
 
 
 # --------------------------------------------------------------------------
