@@ -81,7 +81,8 @@ def test_as_a_decorator_it_passes_the_result_through():
 APP_CASES = {
     "tune_sigma": (["--data-dir", "{tmp}/absent", "--no-download", "--archives", "small", "--tfds-dir", "{tmp}/tfds",
                     "--output", "{tmp}/run"],
-                   "tune_sigma: error: Omniglot archives not found in data_dir={tmp}/absent: the folder does not exist."),
+                   "tune_sigma: error: Omniglot archives not found in data_dir={tmp}/absent: the folder does not "
+                   "exist."),
     "compare_methods": (["--output", "{tmp}/taken", "--cache-dir", "{tmp}/cache", "--configs", "tr0.5"],
                         "compare_methods: error: Output folder {tmp}/taken (given by --output) is a file, not a "
                         "folder; choose another path."),
