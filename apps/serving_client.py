@@ -3,16 +3,28 @@
     python apps/serving_client.py --url http://localhost:8501 --model omniglot img1.png img2.png
     python apps/serving_client.py --model omniglot --task Latin img1.png        # one task, by name
     python apps/serving_client.py --model omniglot --task 3 --format inputs img1.png   # by task id
+    python apps/serving_client.py --model omniglot --send pixels img1.png       # preprocess here
 
-Speaks TF Serving's REST API: reads the input size and the task signatures
-from `GET /v1/models/<name>/metadata`, resizes each image to that size
-(grayscale or RGB as the model expects; dark strokes on light paper are
-inverted to the light-on-dark the model was trained on, see --invert),
-posts `{"instances": [...]}` (row format) or `{"inputs": {...}}` (columnar)
-to `POST /v1/models/<name>:predict` and prints, for every image, each task's
-predicted class and its probability. Without --task it asks every
-`task_<name>` signature; --task NAME asks that task's signature; --task ID
-asks `serving_default` with that task id.
+Speaks TF Serving's REST API: reads the signatures from
+`GET /v1/models/<name>/metadata`, posts `{"instances": [...]}` (row format)
+or `{"inputs": {...}}` (columnar) to `POST /v1/models/<name>:predict` and
+prints, for every image, each task's predicted class and its probability.
+
+Two ways to send images (--send):
+
+- `files` (the default when the model has a `serving_bytes` signature, i.e.
+  was exported with its preprocessing): each file's bytes as they are,
+  base64-encoded as `{"b64": ...}`; the model decodes, converts, resizes and
+  inverts them exactly as training did. Without --task it asks every
+  `bytes_task_<name>` signature; --task NAME or --task ID asks
+  `serving_bytes` with that task.
+- `pixels`: resizes each image here to the input size the metadata reports
+  (grayscale or RGB as the model expects; dark strokes on light paper are
+  inverted to the light-on-dark the model was trained on, see --invert),
+  and sends float tensors. This only approximates the training
+  preprocessing (Pillow's resize is not TensorFlow's). Without --task it
+  asks every `task_<name>` signature; --task NAME asks that task's
+  signature; --task ID asks `serving_default` with that task id.
 
 Needs only numpy and Pillow (no TensorFlow). Serve an export with:
 
@@ -21,6 +33,7 @@ Needs only numpy and Pillow (no TensorFlow). Serve an export with:
 """
 
 import argparse
+import base64
 import json
 import re
 import sys
@@ -32,6 +45,8 @@ from PIL import Image
 
 TASK_PREFIX = "task_"
 DEFAULT_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
+BYTES_PREFIX = "bytes_"
 
 
 class ServingError(RuntimeError):
@@ -113,6 +128,24 @@ def task_signatures(sigs):
     return {name: name[len(TASK_PREFIX):] for name in sorted(sigs) if name.startswith(TASK_PREFIX)}
 
 
+def bytes_task_signatures(sigs):
+    """`{signature name: task label}` of the per-task signatures that take image files."""
+    prefix = BYTES_PREFIX + TASK_PREFIX
+    return {name: name[len(prefix):] for name in sorted(sigs) if name.startswith(prefix)}
+
+
+def read_files(paths):
+    """The bytes of each file, as they are (the model decodes them)."""
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                out.append(f.read())
+        except OSError as e:
+            raise ServingError(f"Cannot read image {path}: {e}") from None
+    return out
+
+
 def load_images(paths, shape, invert="auto"):
     """Reads image files into a float32 `[N, *shape]` array in [0, 1].
 
@@ -145,16 +178,19 @@ def predict(url, model, inputs, signature=DEFAULT_SIGNATURE, fmt="instances", ve
     """`POST /v1/models/<model>:predict`; returns `{output name: np.ndarray}`.
 
     Args:
-        inputs: `{input name: array}`, all with the same first (batch) size.
+        inputs: `{input name: array or list}`, all with the same first
+            (batch) size; `bytes` values (image files) are sent as
+            `{"b64": ...}`, which TF Serving decodes for string inputs.
         fmt: `"instances"` (row format: one object per example) or
             `"inputs"` (columnar: one array per input).
     """
-    arrays = {k: np.asarray(v) for k, v in inputs.items()}
+    columns = {k: [_json_value(x) for x in v] if isinstance(v, (list, tuple)) else np.asarray(v).tolist()
+               for k, v in inputs.items()}
     if fmt == "instances":
-        n = len(next(iter(arrays.values())))
-        body = {"instances": [{k: v[i].tolist() for k, v in arrays.items()} for i in range(n)]}
+        n = len(next(iter(columns.values())))
+        body = {"instances": [{k: v[i] for k, v in columns.items()} for i in range(n)]}
     elif fmt == "inputs":
-        body = {"inputs": {k: v.tolist() for k, v in arrays.items()}}
+        body = {"inputs": columns}
     else:
         raise ValueError(f"fmt must be 'instances' or 'inputs', got {fmt!r}.")
     body["signature_name"] = signature
@@ -170,6 +206,12 @@ def predict(url, model, inputs, signature=DEFAULT_SIGNATURE, fmt="instances", ve
             return {k: np.asarray(v) for k, v in outs.items()}
         return {"output": np.asarray(outs)}
     raise ServingError(f"Unexpected predict reply (no 'predictions' or 'outputs'): {str(reply)[:200]}")
+
+
+def _json_value(value):
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode("ascii")}
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 def describe(outputs, i, top_k=1):
@@ -219,23 +261,55 @@ def parse_args(argv=None):
     p.add_argument("--model", default="omniglot", help="the served model's name (MODEL_NAME)")
     p.add_argument("--version", type=int, default=None, help="a model version (default: the server's latest)")
     p.add_argument("--task", default=None,
-                   help="a task name (its task_<name> signature) or an integer task id (serving_default); "
-                        "default: every task")
+                   help="a task name or an integer task id; default: every task")
+    p.add_argument("--send", choices=("auto", "files", "pixels"), default="auto",
+                   help="files: the image files as they are (the model preprocesses them; needs an export "
+                        "with preprocessing); pixels: resized and inverted here, as float tensors; "
+                        "auto: files when the model takes them")
     p.add_argument("--format", choices=("instances", "inputs"), default="instances",
                    help="request body: row ('instances') or columnar ('inputs') format")
     p.add_argument("--image-size", type=_size, default=None, metavar="N|HxW",
-                   help="resize to N x N (or H x W) instead of the size the metadata reports")
-    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
-                   help="invert images (auto: when the paper is lighter than the ink)")
+                   help="--send pixels: resize to N x N (or H x W) instead of the size the metadata reports")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default=None,
+                   help="--send pixels: invert images (auto, the default: when the paper is lighter than the ink)")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most probable classes")
     p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per HTTP request")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p.parse_args(argv)
 
 
+def _file_requests(args, sigs):
+    """(task label, signature, inputs) of each request that sends the files as they are."""
+    if BYTES_SIGNATURE not in sigs:
+        raise ServingError(
+            f"Model {args.model!r} has no {BYTES_SIGNATURE!r} signature, so it takes no image files (it was "
+            "exported without preprocessing); pass --send pixels, or export with "
+            "export_for_serving(..., preprocessing=...)."
+        )
+    for flag, value in (("--image-size", args.image_size), ("--invert", args.invert)):
+        if value is not None:
+            raise ServingError(f"{flag} applies to --send pixels; with --send files the model preprocesses "
+                               "the files itself. Drop the flag, or pass --send pixels.")
+    files = read_files(args.images)
+    if args.task is None:
+        per_task = bytes_task_signatures(sigs)
+        if not per_task:
+            raise ServingError(f"The model has no bytes_task_<name> signatures; pass --task NAME or ID to use "
+                               f"{BYTES_SIGNATURE}.")
+        return [(label, sig, {"image_bytes": files}) for sig, label in per_task.items()]
+    # serving_bytes reads a name or an id as text and answers unknown ones listing the tasks.
+    label = f"task id {args.task}" if re.fullmatch(r"-?\d+", args.task) else args.task
+    return [(label, BYTES_SIGNATURE, {"image_bytes": files, "task": [args.task] * len(files)})]
+
+
 def run(args):
     """Does the requests of parsed `args`; returns `{image: {task label: answer}}`."""
     sigs = signatures(get_metadata(args.url, args.model, args.version, args.timeout))
+    send = args.send
+    if send == "auto":
+        send = "files" if BYTES_SIGNATURE in sigs and args.image_size is None and args.invert is None else "pixels"
+    if send == "files":
+        return _answers(args, _file_requests(args, sigs))
     if DEFAULT_SIGNATURE not in sigs:
         raise ServingError(f"Model {args.model!r} has no {DEFAULT_SIGNATURE!r} signature; it has {sorted(sigs)}.")
     image_shape = sigs[DEFAULT_SIGNATURE]["inputs"].get("image")
@@ -249,7 +323,7 @@ def run(args):
         shape = [*args.image_size, shape[2]]
     if any(d <= 0 for d in shape):
         raise ServingError(f"The model's image size is not fixed ({image_shape}); pass --image-size.")
-    images = load_images(args.images, shape, args.invert)
+    images = load_images(args.images, shape, args.invert or "auto")
 
     per_task = task_signatures(sigs)
     requests = []  # (task label, signature, inputs)
@@ -266,7 +340,11 @@ def run(args):
             raise ServingError(f"Model {args.model!r} has no task {args.task!r}; its tasks are: "
                                + ", ".join(per_task.values()))
         requests = [(args.task, sig, {"image": images})]
+    return _answers(args, requests)
 
+
+def _answers(args, requests):
+    """Sends each (task label, signature, inputs) request; `{image: {task label: answer}}`."""
     results = {path: {} for path in args.images}
     for label, sig, inputs in requests:
         outputs = predict(args.url, args.model, inputs, sig, args.format, args.version, args.timeout)

@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
+from mtl_keras.data.omniglot import serving_preprocessing  # noqa: E402
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import (  # noqa: E402
     BackupAndRestore, backup_dir_for_worker, enable_determinism, epoch_stream, get_strategy, is_chief,
@@ -85,7 +86,8 @@ def train_and_export(args, config, strategy, output, started):
     # the global RNGs, and the initial weights must not depend on whether it did.
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl")
+        model = build_model(config, data.tasks, (config.image_size, config.image_size, 1), name="omniglot_mtl",
+                            steps_per_epoch=steps)
     params_before = model.count_params()
     print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) | {params_before:,} parameters | "
           f"sigma {config.sigma} | weighting {config.weighting} | sharing {config.sharing}")
@@ -124,7 +126,9 @@ def train_and_export(args, config, strategy, output, started):
     model.save(model_path)
     export_path = None
     if not args.no_export and chief:
-        export_path = export_for_serving(model, args.export_dir)
+        # With the preprocessing, the export also takes the image files as they are (serving_bytes).
+        export_path = export_for_serving(model, args.export_dir,
+                                         preprocessing=serving_preprocessing(config.image_size))
         print(f"SavedModel for TF Serving: {export_path}")
     report = training_report(
         "train_omniglot", config, model, test_logs, history, strategy=strategy, parameters_at_start=params_before,

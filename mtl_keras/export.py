@@ -16,11 +16,27 @@ Signatures (all inputs and outputs named, never `args_0`):
   `logits` `[B, max_outputs]`.
 - `task_<name>(image)`: the same outputs for one task, sized to that task.
 
+With `preprocessing` (an `ImagePreprocessing`, which a data module
+provides, e.g. `mtl_keras.data.omniglot.serving_preprocessing`), the export
+also takes image files as they are (`mtl_keras.image_preprocessing` decodes,
+converts, inverts and resizes them in the graph, as training did):
+
+- `serving_bytes(image_bytes, task)`: `image_bytes` string `[B]`, one PNG
+  or JPEG file per example (any size, grayscale or colour; over TF
+  Serving's REST API `{"b64": "<base64 of the file>"}`), `task` string
+  `[B]`, a task name (`"Latin"`) or a task id as text (`"3"`); returns the
+  outputs of `serving_default` and `task_id` int32 `[B]`.
+- `bytes_task_<name>(image_bytes)`: one task's outputs, as `task_<name>`.
+
 Requests the model cannot answer fail with an `InvalidArgumentError` whose
 message says what is wrong (TF Serving returns it with HTTP 400): an image
 of another shape or rank than `[batch, *input_shape]`, a `task` that is not
 a vector, image and task batches of different sizes, an empty batch, NaN or
-infinite pixels, a task id outside `[0, num_tasks)`. A wrong dtype is
+infinite pixels, a task id outside `[0, num_tasks)`; for the bytes
+signatures also empty, truncated, non-PNG/JPEG, GIF, animated, too large
+(over 16 megapixels) or undecoded base64 files
+(`image_preprocessing.check_requests`, `decode_images`) and unknown task
+names (the message lists the tasks). A wrong dtype is
 refused before the graph runs, by TensorFlow's signature binding (in
 process: "input #i was expected to be a float tensor"; TF Serving's REST
 layer converts JSON numbers to the signature's dtypes and refuses what does
@@ -36,8 +52,9 @@ next export if the process died in between). Staging folders left by a
 killed export of this host are removed by the next export.
 
 The version folder also holds `assets/mtl_keras_tasks.json`: task names,
-kinds, class counts, input shape, the Selective Sharing groups and, for each
-routing layer, sigma, mode and seed.
+kinds, class counts, input shape, the Selective Sharing groups, for each
+routing layer, sigma, mode and seed, and the image preprocessing (null
+without one).
 """
 
 import ctypes
@@ -55,9 +72,13 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_keras.backbones import routing_layers
+from mtl_keras.image_preprocessing import ImagePreprocessing
+from mtl_keras.image_preprocessing import decode_images
 from mtl_keras.reporting import fsync_path
 
 METADATA_FILE = "mtl_keras_tasks.json"
+BYTES_SIGNATURE = "serving_bytes"
+BYTES_PREFIX = "bytes_"
 
 
 def next_version(base_dir):
@@ -70,6 +91,11 @@ def next_version(base_dir):
 def signature_name(task_name):
     """`task_<name>` with characters other than [A-Za-z0-9_] replaced by `_`."""
     return "task_" + re.sub(r"[^A-Za-z0-9_]", "_", task_name)
+
+
+def bytes_signature_name(task_name):
+    """`bytes_task_<name>`: a task's signature that takes image files."""
+    return BYTES_PREFIX + signature_name(task_name)
 
 
 def _image_spec(model):
@@ -99,8 +125,8 @@ def _outputs(logits, task_ids, table):
     return {"probabilities": probabilities, "predicted_class": predicted, "logits": logits}
 
 
-def serving_metadata(model):
-    """What the export's asset JSON says about the model's tasks and routing."""
+def serving_metadata(model, preprocessing=None):
+    """What the export's asset JSON says about the model's tasks, routing and image preprocessing."""
     image_spec = _image_spec(model)
     routing = []
     for layer in routing_layers(model.backbone):
@@ -124,12 +150,15 @@ def serving_metadata(model):
                 "kind": t.kind,
                 "num_outputs": t.num_outputs,
                 "signature": signature_name(t.name),
+                "bytes_signature": bytes_signature_name(t.name) if preprocessing is not None else None,
             }
             for i, t in enumerate(model.tasks)
         ],
         "max_outputs": int(model.table.max_outputs),
         "estimator_of_task": list(model.estimator_of_task),
         "routing": routing,
+        "preprocessing": preprocessing.to_json() if preprocessing is not None else None,
+        "bytes_signature": BYTES_SIGNATURE if preprocessing is not None else None,
         "outputs": {
             "probabilities": "softmax over the task's classes (binary: P(1) in column 0; "
             "regression: values), zero-padded to max_outputs",
@@ -139,16 +168,22 @@ def serving_metadata(model):
     }
 
 
-def export_for_serving(model, base_dir, version=None, task_signatures=True, overwrite=False):
+def export_for_serving(model, base_dir, version=None, task_signatures=True, overwrite=False,
+                       preprocessing=None):
     """Writes `model` to `base_dir/<version>/` in TF Serving's layout.
 
     Args:
         model: a `MultiTaskModel` (one task per example inputs).
         base_dir: the model's base path (TF Serving's `--model_base_path`).
         version: integer version; default: one more than the largest there.
-        task_signatures: also write one `task_<name>` signature per task.
+        task_signatures: also write one `task_<name>` signature per task
+            (and `bytes_task_<name>` with `preprocessing`).
         overwrite: replace an existing `base_dir/<version>/`; without it an
             existing version is an error (TF Serving may be serving it).
+        preprocessing: an `ImagePreprocessing` whose shape is the model's
+            input shape: also write `serving_bytes` (and `bytes_task_<name>`),
+            which take encoded PNG / JPEG files and preprocess them in the
+            graph. None: tensor signatures only.
 
     Returns:
         The `Path` of the version folder.
@@ -159,6 +194,11 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
     >>> served = tf.saved_model.load(str(path))
     >>> out = served.signatures["serving_default"](image=images, task=task_ids)
     >>> out["predicted_class"]
+    >>> from mtl_keras.data.omniglot import serving_preprocessing
+    >>> path = export_for_serving(model, "saved_models/omniglot", preprocessing=serving_preprocessing(32))
+    >>> png = open("0696_19.png", "rb").read()
+    >>> tf.saved_model.load(str(path)).signatures["serving_bytes"](
+    ...     image_bytes=tf.constant([png]), task=tf.constant(["Latin"]))["predicted_class"]
     """
     base = Path(base_dir)
     if base.is_dir():
@@ -179,6 +219,8 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
     image_spec = _image_spec(model)
     task_spec = tf.TensorSpec((None,), tf.int32, name="task")
     expected_shape = [int(d) for d in image_spec.shape[1:]]
+    if preprocessing is not None:
+        _check_preprocessing(preprocessing, expected_shape, [t.name for t in model.tasks])
 
     image_pattern = r"\d+," + ",".join(map(str, expected_shape))
     shape_message = (f"image must have shape [batch, {', '.join(map(str, expected_shape))}] "
@@ -253,6 +295,9 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
 
             archive.add_endpoint(name, one_task, input_signature=[image_spec])
 
+    if preprocessing is not None:
+        _add_bytes_endpoints(archive, predict, preprocessing, model.tasks, task_signatures)
+
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(version)}{os.getpid()}-", dir=base))
     old = None
@@ -263,7 +308,7 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
         archive.write_out(str(staging), verbose=False)
         assets = staging / "assets"
         assets.mkdir(exist_ok=True)
-        (assets / METADATA_FILE).write_text(json.dumps(serving_metadata(model), indent=2))
+        (assets / METADATA_FILE).write_text(json.dumps(serving_metadata(model, preprocessing), indent=2))
         # Renamed data can reach the disk before its contents do: a power
         # cut must not leave an integer folder of empty files either.
         _fsync_tree(staging)
@@ -290,6 +335,90 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
             shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_preprocessing(preprocessing, expected_shape, names):
+    if not isinstance(preprocessing, ImagePreprocessing):
+        raise TypeError(
+            "preprocessing must be an mtl_keras.image_preprocessing.ImagePreprocessing (a data module provides "
+            f"one, e.g. mtl_keras.data.omniglot.serving_preprocessing); got {type(preprocessing).__name__}."
+        )
+    if list(preprocessing.shape) != list(expected_shape):
+        raise ValueError(
+            f"preprocessing makes images of shape {list(preprocessing.shape)}, but the model takes "
+            f"{list(expected_shape)}; describe the preprocessing the model was trained with "
+            "(e.g. serving_preprocessing(image_size) with the training image_size)."
+        )
+    for i, name in enumerate(names):
+        # serving_bytes reads a task as a name first, then as an id.
+        if re.fullmatch(r"[0-9]+", name) and int(name) != i:
+            raise ValueError(
+                f"Task {i} is named {name!r}, which serving_bytes would also read as task id {int(name)}; "
+                "rename the task, or export without preprocessing."
+            )
+
+
+def _task_ids(task, names):
+    """Task names or ids (as text) to int32 ids; an unknown one fails naming it and listing the tasks."""
+    task_shape = _shape_text(task)
+    with tf.control_dependencies([
+        tf.debugging.Assert(tf.strings.regex_full_match(task_shape, r"\d+"),
+                            ["task must be a vector of task names or ids (as text), one per image; got shape",
+                             task_shape]),
+    ]):
+        task = tf.identity(task)
+    match = tf.equal(task[:, None], tf.constant(names)[None, :])
+    by_name = tf.argmax(tf.cast(match, tf.int32), axis=1, output_type=tf.int32)
+    is_id = tf.strings.regex_full_match(task, r"[0-9]{1,9}")
+    by_id = tf.strings.to_number(tf.where(is_id, task, "0"), tf.int32)
+    ids = tf.where(tf.reduce_any(match, axis=1), by_name, tf.where(is_id, by_id, -1))
+    listing = ", ".join(f"{i} {n}" for i, n in enumerate(names))
+    if len(listing) > 1500:
+        listing = listing[:1500] + ", ..."
+    unknown = ids < 0
+    with tf.control_dependencies([
+        tf.debugging.Assert(
+            ~tf.reduce_any(unknown),
+            [f"unknown task: give a task name or its id as text. The tasks of this model (id name) are: {listing}. "
+             f"They are also in assets/{METADATA_FILE} and, as {BYTES_PREFIX}task_<name> signatures, in "
+             "GET /v1/models/<model>/metadata. Unknown:", tf.unique(tf.boolean_mask(task, unknown)).y],
+            summarize=20),
+    ]):
+        return tf.identity(ids)
+
+
+def _add_bytes_endpoints(archive, predict, preprocessing, tasks, task_signatures):
+    """`serving_bytes` and (with `task_signatures`) `bytes_task_<name>`: files in, `predict`'s checks kept."""
+    bytes_spec = tf.TensorSpec((None,), tf.string, name="image_bytes")
+    names = [t.name for t in tasks]
+
+    def predict_bytes(image_bytes, task):
+        image = decode_images(image_bytes, preprocessing)
+        # Problems of the files are named first, then those of the tasks.
+        with tf.control_dependencies([image]):
+            task_ids = _task_ids(task, names)
+        # The decoded images go through `predict`, so every check of the
+        # tensor signatures (batch sizes, task id range) holds here too.
+        out = predict(image, task_ids)
+        return {**out, "task_id": task_ids}
+
+    archive.add_endpoint(BYTES_SIGNATURE, predict_bytes,
+                         input_signature=[bytes_spec, tf.TensorSpec((None,), tf.string, name="task")])
+    if not task_signatures:
+        return
+    for i, t in enumerate(tasks):
+        n = t.num_outputs
+
+        def one_task(image_bytes, i=i, n=n):
+            image = decode_images(image_bytes, preprocessing)
+            out = predict(image, tf.fill(tf.shape(image)[:1], tf.constant(i, tf.int32)))
+            return {
+                "probabilities": out["probabilities"][:, :n],
+                "predicted_class": out["predicted_class"],
+                "logits": out["logits"][:, :n],
+            }
+
+        archive.add_endpoint(bytes_signature_name(t.name), one_task, input_signature=[bytes_spec])
 
 
 def _shape_text(tensor):

@@ -73,6 +73,9 @@ class MultiTaskModel(GuardedModel):
         estimator_of_task: for each task, the index of the head whose
             estimator it uses (identity by default); set by Selective Sharing
             merges and saved with the model.
+        label_smoothing: ε in `[0, 1)` of the classification tasks' training
+            loss (see `task_losses.pair_losses`); evaluation reports the
+            plain loss, so validation losses stay comparable across ε.
         seed: seed of the task sampling.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
@@ -97,6 +100,7 @@ class MultiTaskModel(GuardedModel):
         task_sampling="per_example",
         weighting=None,
         estimator_of_task=None,
+        label_smoothing=0.0,
         seed=None,
         **kwargs,
     ):
@@ -110,6 +114,9 @@ class MultiTaskModel(GuardedModel):
             raise ValueError(f"task_sampling must be one of {TASK_SAMPLING}, got {task_sampling!r}.")
         check_fraction("head_dropout (the dropout rate after each head estimator layer)", head_dropout,
                        upper_open=True, meaning="0 turns dropout off; 1 would drop every unit.")
+        check_fraction("label_smoothing", label_smoothing, upper_open=True,
+                       meaning="0 trains on the labels as they are; 1 would ignore them.")
+        self.label_smoothing = float(label_smoothing)
         self.tasks_per_step = tasks_per_step
         self.task_sampling = task_sampling
         self.seed = seed
@@ -367,7 +374,8 @@ class MultiTaskModel(GuardedModel):
         # per-task gradients there (see mtl_keras.weighting).
         features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)
         logits = self.heads_forward(features, pairs.task_ids, training)
-        losses = pair_losses(logits, pairs.labels, pairs.task_ids, self.table)
+        losses = pair_losses(logits, pairs.labels, pairs.task_ids, self.table,
+                             label_smoothing=self.label_smoothing if training else 0.0)
         shares, present, global_losses = self.task_losses(losses, pairs.task_ids, pairs.weights)
         task_weights = ops.convert_to_tensor(self.table.weights)
         objective = self.weighting.combine(shares, present, task_weights, global_losses)
@@ -519,6 +527,7 @@ class MultiTaskModel(GuardedModel):
             task_sampling=self.task_sampling,
             weighting=keras.saving.serialize_keras_object(self.weighting),
             estimator_of_task=list(self.estimator_of_task),
+            label_smoothing=self.label_smoothing,
             seed=self.seed,
         )
         return config

@@ -22,12 +22,14 @@ import typing
 from dataclasses import dataclass, field
 
 ROUTING_MODES = ("partition", "independent")
+LR_SCHEDULES = ("constant", "cosine")
 SHARING_RULES = ("none", "similarity", "variance")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
-def _option(default, help, group, choices=None, positive=False):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "positive": positive})
+def _option(default, help, group, choices=None, positive=False, nonnegative=False):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "positive": positive,
+                                            "nonnegative": nonnegative})
 
 
 def _weightings():
@@ -50,6 +52,12 @@ class TrainConfig:
     # mtl_keras.data.omniglot_flags)
     tasks: typing.Optional[int] = _option(None, "use the first K tasks (default: all)", "data", positive=True)
     image_size: int = _option(32, "images are resized to this square size", "data", positive=True)
+    augment_shift: float = _option(0.0, "training augmentation: largest random shift, as a fraction of the "
+                                   "image size (0: none)", "data", nonnegative=True)
+    augment_rotation: float = _option(0.0, "training augmentation: largest random rotation in degrees (0: none)",
+                                      "data", nonnegative=True)
+    augment_scale: float = _option(0.0, "training augmentation: largest random change of size, relative "
+                                   "(0: none)", "data", nonnegative=True)
     # model
     sigma: float = _option(0.5, "sharing ratio: 1 = fully shared, 0 = a sub-network per task", "model")
     routing_mode: str = _option("partition", "how routing masks are drawn from sigma", "model", ROUTING_MODES)
@@ -65,7 +73,13 @@ class TrainConfig:
     # training
     epochs: int = _option(12, "training epochs", "training", positive=True)
     batch_size: int = _option(128, "global batch size (split over replicas)", "training", positive=True)
-    lr: float = _option(2e-3, "Adam learning rate", "training", positive=True)
+    lr: float = _option(2e-3, "Adam learning rate (the peak, with a schedule)", "training", positive=True)
+    lr_schedule: str = _option("constant", "learning-rate schedule: constant, or cosine decay to 0 over the run "
+                               "after a linear warm-up", "training", LR_SCHEDULES)
+    warmup_fraction: float = _option(0.0, "share of the run's steps of linear learning-rate warm-up (cosine "
+                                     "schedule)", "training", nonnegative=True)
+    label_smoothing: float = _option(0.0, "label smoothing of the classification losses", "training",
+                                     nonnegative=True)
     seed: int = _option(0, "seeds weights, routing masks and shuffling", "training")
     jit_compile: bool = _option(False, "XLA-compile the train step (slower on CPU, see docs/BENCHMARKS.md)",
                                 "training")
@@ -75,6 +89,12 @@ class TrainConfig:
     def replace(self, **changes):
         """A copy with `changes` applied (the dataclass is frozen)."""
         return dataclasses.replace(self, **changes)
+
+    def augmentation(self):
+        """The training augmentation, a `mtl_keras.augmentation.RandomAffine` (the identity when all are 0)."""
+        from mtl_keras.augmentation import RandomAffine
+
+        return RandomAffine(shift=self.augment_shift, rotation=self.augment_rotation, scale=self.augment_scale)
 
     def to_dict(self):
         """The fields as plain JSON-friendly values (tuples become lists)."""
@@ -111,11 +131,11 @@ def _field_type(f):
     return hint
 
 
-def _positive(kind):
+def _bounded(kind, allow_zero=False):
     def parse(text):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if allow_zero else value > 0):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text}")
         return value
     return parse
 
@@ -155,8 +175,9 @@ def add_config_arguments(parser, preset="default", groups=("data", "model", "tra
         elif meta["choices"]:
             choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
             section.add_argument(name, choices=choices, default=default, help=help_text)
-        elif meta["positive"]:
-            section.add_argument(name, type=_positive(kind), default=default, help=help_text)
+        elif meta["positive"] or meta["nonnegative"]:
+            section.add_argument(name, type=_bounded(kind, allow_zero=meta["nonnegative"]), default=default,
+                                 help=help_text)
         else:
             section.add_argument(name, type=kind, default=default, help=help_text)
     return parser

@@ -114,7 +114,7 @@ def assert_class_labels_in_range(labels, task_ids, weights, table):
     )
 
 
-def pair_losses(logits, labels, task_ids, table):
+def pair_losses(logits, labels, task_ids, table, label_smoothing=0.0):
     """The loss of each (example, task) pair, by its task's loss function.
 
     Args:
@@ -122,6 +122,9 @@ def pair_losses(logits, labels, task_ids, table):
         labels: `[P, label_width]` from `sanitize_labels`.
         task_ids: `[P]`.
         table: the `TaskTable`.
+        label_smoothing: ε of the classification losses: the target puts
+            `1 - ε` on the label and spreads `ε` uniformly over the task's
+            own classes (binary: over {0, 1}), as Keras' losses do.
 
     Returns:
         `[P]` float32 losses.
@@ -131,11 +134,18 @@ def pair_losses(logits, labels, task_ids, table):
     if "sparse_categorical_crossentropy" in table.used_losses:
         cls = ops.clip(ops.cast(labels[:, 0], "int32"), 0, table.max_outputs - 1)
         log_p = ops.log_softmax(logits, axis=-1)
-        per_kind["sparse_categorical_crossentropy"] = -ops.take_along_axis(
-            log_p, cls[:, None], axis=1
-        )[:, 0]
+        loss = -ops.take_along_axis(log_p, cls[:, None], axis=1)[:, 0]
+        if label_smoothing:
+            # The uniform part covers each task's own classes only: the
+            # padded ones have probability 0 (log -1e9) and are not classes.
+            valid = ops.cast(table.take(table.valid_outputs, task_ids), "float32")
+            uniform = -ops.sum(log_p * valid, axis=1) / ops.maximum(ops.sum(valid, axis=1), 1.0)
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * uniform
+        per_kind["sparse_categorical_crossentropy"] = loss
     if "binary_crossentropy" in table.used_losses:
         z, y = logits[:, 0], labels[:, 0]
+        if label_smoothing:
+            y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
         per_kind["binary_crossentropy"] = (
             ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z)))
         )

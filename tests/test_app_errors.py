@@ -90,6 +90,9 @@ APP_CASES = {
                            "grouping_benchmark: error: noise must be >= 0, got -1.0."),
     "benchmark": (["--num-tasks", "0", "--quick", "--output", "{tmp}/run"],
                   "benchmark: error: num_tasks (--num-tasks) must be whole numbers >= 1, got [0]."),
+    "recipe_ablation": (["--output", "{tmp}/taken", "--seeds", "0"],
+                        "recipe_ablation: error: Output folder {tmp}/taken (given by --output) is a file, not a "
+                        "folder; choose another path."),
     "train_omniglot": (["--data-dir", "{tmp}/absent", "--no-download", "--archives", "small",
                         "--tfds-dir", "{tmp}/tfds", "--output", "{tmp}/run", "--no-export"],
                        "train_omniglot: error: Omniglot archives not found in data_dir={tmp}/absent: the folder "

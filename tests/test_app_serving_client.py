@@ -6,11 +6,14 @@ TensorFlow with the package. So its functions are tested here, with the app.
 
 The stand-in implements TF Serving's two REST endpoints the client uses,
 `GET /v1/models/<name>/metadata` and `POST /v1/models/<name>:predict`
-(row and columnar formats, `{"error": ...}` replies with HTTP 400), by
-calling the SavedModel written by `export_for_serving`, loaded with plain
-`tf.saved_model.load`.
+(row and columnar formats, `{"b64": ...}` values of string inputs decoded,
+`{"error": ...}` replies with HTTP 400), by calling the SavedModel written
+by `export_for_serving`, loaded with plain `tf.saved_model.load`. (No TF
+Serving binary is installable here, from PyPI or Debian, so the real
+server is not run.)
 """
 
+import base64
 import json
 import re
 import subprocess
@@ -26,9 +29,11 @@ from PIL import Image
 from apps import serving_client as client
 from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
 from mtl_keras.export import export_for_serving, reference_predictions
+from mtl_keras.image_preprocessing import ImagePreprocessing, decode_images
 
 MODEL = "omniglot"
-_DTYPES = {tf.float32: "DT_FLOAT", tf.int32: "DT_INT32", tf.int64: "DT_INT64"}
+_DTYPES = {tf.float32: "DT_FLOAT", tf.int32: "DT_INT32", tf.int64: "DT_INT64", tf.string: "DT_STRING"}
+PREPROCESSING = ImagePreprocessing(height=8, width=8, invert=True)
 
 
 def _tensor_info(spec, name):
@@ -48,6 +53,23 @@ def _metadata(loaded):
         }
     return {"model_spec": {"name": MODEL, "signature_name": "", "version": "1"},
             "metadata": {"signature_def": {"signature_def": defs}}}
+
+
+def _from_json(value, dtype):
+    """A request's JSON value as a tensor, the way TF Serving converts it to the input's dtype."""
+    if dtype != tf.string:
+        return tf.constant(np.asarray(value), dtype=dtype)
+
+    def text(v):
+        if isinstance(v, list):
+            return [text(x) for x in v]
+        if isinstance(v, dict) and set(v) == {"b64"}:  # binary values arrive base64-encoded
+            return base64.b64decode(v["b64"], validate=True)
+        if not isinstance(v, str):
+            raise ValueError(f"JSON Value: {json.dumps(v)} Type: {type(v).__name__} is not of expected type: string")
+        return v.encode("utf-8")
+
+    return tf.constant(text(value), dtype=tf.string)
 
 
 def make_server(export_dir):
@@ -88,7 +110,7 @@ def make_server(export_dir):
             else:
                 columns = body["inputs"]
             try:
-                tensors = {k: tf.constant(np.asarray(columns[k]), dtype=specs[k].dtype) for k in specs}
+                tensors = {k: _from_json(columns[k], specs[k].dtype) for k in specs}
                 out = {k: v.numpy() for k, v in fn(**tensors).items()}
             except Exception as e:  # what TF Serving does: the op's message, HTTP 400
                 return self._reply(400, {"error": getattr(e, "message", None) or str(e)})
@@ -109,15 +131,15 @@ def served(tmp_path_factory):
     backbone = conv_backbone((8, 8, 1), len(tasks), sigma=0.5, filters=(4, 8), seed=0)
     model = MultiTaskModel(backbone, tasks, head_units=(4,), seed=0)
     model.compile()
-    export_dir = export_for_serving(model, tmp / "saved_models" / MODEL)
+    export_dir = export_for_serving(model, tmp / "saved_models" / MODEL, preprocessing=PREPROCESSING)
     server, requests = make_server(export_dir)
     rng = np.random.default_rng(0)
     paths = []
-    for i in range(3):
-        # Dark strokes on light paper, larger than the model's input.
-        pixels = np.where(rng.random((20, 20)) < 0.2, 0, 255).astype("uint8")
-        path = tmp / f"img{i}.png"
-        Image.fromarray(pixels).save(path)
+    for i, (mode, ext) in enumerate([("L", "png"), ("RGB", "png"), ("L", "jpg")]):
+        # Dark strokes on light paper, larger than the model's input, grey or colour, PNG or JPEG.
+        pixels = np.where(rng.random((20, 24)) < 0.2, 0, 255).astype("uint8")
+        path = tmp / f"img{i}.{ext}"
+        Image.fromarray(pixels).convert(mode).save(path)
         paths.append(str(path))
     try:
         yield dict(model=model, url=f"http://127.0.0.1:{server.server_address[1]}", paths=paths,
@@ -147,7 +169,7 @@ def test_load_images_resizes_and_inverts(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["instances", "inputs"])
 def test_every_task_signature_matches_the_model(served, fmt):
-    results = run(served, "--format", fmt)
+    results = run(served, "--send", "pixels", "--format", fmt)
     model, images = served["model"], served["images"]
     assert list(results) == served["paths"]
     for task_id, task in enumerate(model.tasks):
@@ -163,14 +185,14 @@ def test_every_task_signature_matches_the_model(served, fmt):
 
 def test_task_by_id_and_by_name(served, capsys):
     model, images = served["model"], served["images"]
-    by_id = run(served, "--task", "1", "--format", "inputs")
+    by_id = run(served, "--send", "pixels", "--task", "1", "--format", "inputs")
     assert served["requests"][-1]["signature_name"] == "serving_default"
     assert served["requests"][-1]["inputs"]["task"] == [1, 1, 1]
     ref = reference_predictions(model, images, np.ones(len(images), "int32"))
     for i, path in enumerate(served["paths"]):
         assert by_id[path]["task id 1"]["predicted_class"] == ref["predicted_class"][i]
         np.testing.assert_allclose(by_id[path]["task id 1"]["probabilities"], ref["probabilities"][i], atol=1e-5)
-    by_name = run(served, "--task", "Greek.v2")
+    by_name = run(served, "--send", "pixels", "--task", "Greek.v2")
     assert served["requests"][-1]["signature_name"] == "task_Greek_v2"
     for path in served["paths"]:
         assert by_name[path]["Greek.v2"]["predicted_class"] == by_id[path]["task id 1"]["predicted_class"]
@@ -180,7 +202,7 @@ def test_task_by_id_and_by_name(served, capsys):
 
 
 def test_requests_the_model_cannot_answer_are_clear_errors(served, capsys):
-    base = ["--url", served["url"], "--model", MODEL]
+    base = ["--url", served["url"], "--model", MODEL, "--send", "pixels"]
     # An unknown task id: the signature's own check, passed through by the server.
     assert client.main(base + ["--task", "7", served["paths"][0]]) == 2
     err = capsys.readouterr().err
@@ -192,11 +214,75 @@ def test_requests_the_model_cannot_answer_are_clear_errors(served, capsys):
         run(served, "--image-size", "6")
     # Unknown task name, unknown model, no server.
     with pytest.raises(client.ServingError, match="has no task 'Klingon'; its tasks are: Greek_v2, Latin, yes_no"):
-        run(served, "--task", "Klingon")
+        run(served, "--send", "pixels", "--task", "Klingon")
     with pytest.raises(client.ServingError, match="HTTP 404.*model name"):
         client.run(client.parse_args(["--url", served["url"], "--model", "nope", served["paths"][0]]))
     with pytest.raises(client.ServingError, match="Cannot reach"):
         client.run(client.parse_args(["--url", "http://127.0.0.1:9", "--timeout", "5", served["paths"][0]]))
+
+
+def _reference_from_files(served, task_id):
+    """What the model answers for the fixture's files, preprocessed in process by the export's own ops."""
+    files = [open(p, "rb").read() for p in served["paths"]]
+    images = decode_images(tf.constant(files), PREPROCESSING).numpy()
+    return files, reference_predictions(served["model"], images, np.full(len(files), task_id, "int32"))
+
+
+@pytest.mark.parametrize("fmt", ["instances", "inputs"])
+def test_files_are_sent_as_they_are(served, fmt):
+    sent_before = len(served["requests"])
+    results = run(served, "--format", fmt)  # auto: the model takes files, so files are sent
+    bodies = served["requests"][sent_before:]
+    model = served["model"]
+    # Every task's own bytes signature (sized to the task), as the export wrote them.
+    assert [b["signature_name"] for b in bodies] == ["bytes_task_Greek_v2", "bytes_task_Latin", "bytes_task_yes_no"]
+    for task_id, task in enumerate(model.tasks):
+        files, ref = _reference_from_files(served, task_id)
+        encoded = [{"b64": base64.b64encode(f).decode()} for f in files]
+        body = bodies[["Greek.v2", "Latin", "yes-no"].index(task.name)]
+        sent = ([row["image_bytes"] for row in body["instances"]] if fmt == "instances"
+                else body["inputs"]["image_bytes"])
+        assert sent == encoded  # the bytes of each file, unchanged
+        label = client.signature_name(task.name)[len("task_"):]
+        for i, path in enumerate(served["paths"]):
+            assert results[path][label]["predicted_class"] == ref["predicted_class"][i]
+            np.testing.assert_allclose(results[path][label]["probabilities"],
+                                       ref["probabilities"][i, : task.num_outputs], atol=1e-5)
+
+
+def test_files_with_a_task_name_or_id(served):
+    by_name = run(served, "--send", "files", "--task", "Greek.v2")
+    body = served["requests"][-1]
+    assert body["signature_name"] == "serving_bytes"
+    assert [row["task"] for row in body["instances"]] == ["Greek.v2"] * 3
+    by_id = run(served, "--send", "files", "--task", "1", "--format", "inputs")
+    assert served["requests"][-1]["inputs"]["task"] == ["1"] * 3
+    _, ref = _reference_from_files(served, 1)
+    for i, path in enumerate(served["paths"]):
+        assert by_name[path]["Greek.v2"]["predicted_class"] == by_id[path]["task id 1"]["predicted_class"]
+        assert by_id[path]["task id 1"]["predicted_class"] == ref["predicted_class"][i]
+        np.testing.assert_allclose(by_id[path]["task id 1"]["probabilities"], ref["probabilities"][i], atol=1e-5)
+
+
+def test_files_the_model_cannot_answer_are_clear_errors(served, tmp_path):
+    # An unknown task name: the model lists its tasks.
+    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400.*unknown task.*0 Latin, 1 Greek\.v2, 2 yes-no"
+                                                  r".*Unknown:\] \[Klingon\]"):
+        run(served, "--task", "Klingon")
+    # A file the model does not read, sent as it is: the model names the problem and the example.
+    gif = tmp_path / "anim.gif"
+    Image.fromarray(np.zeros((8, 8), "uint8")).save(gif)
+    args = client.parse_args(["--url", served["url"], "--model", MODEL, served["paths"][0], str(gif)])
+    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400.*image_bytes is a GIF.*Examples:\] \[1\]"):
+        client.run(args)
+    with pytest.raises(client.ServingError, match="Cannot read image"):
+        run(served, "--send", "files", str(tmp_path / "missing.png"))
+    with pytest.raises(client.ServingError, match="--image-size applies to --send pixels"):
+        run(served, "--send", "files", "--image-size", "8")
+    # A model exported without preprocessing takes no files.
+    args = client.parse_args(["--send", "files", served["paths"][0]])
+    with pytest.raises(client.ServingError, match="has no 'serving_bytes' signature.*pass --send pixels"):
+        client._file_requests(args, {"serving_default": {}, "task_a": {}})
 
 
 def test_client_runs_without_tensorflow():

@@ -142,6 +142,13 @@ def test_the_committed_results_are_still_accepted_by_reuse():
         load_reused_runs([DOCS / "results"], budget_text(config.replace(epochs=6), 50, [0], stl, "full archives"))
     with pytest.raises(ValueError, match="no results.json there"):
         load_reused_runs([DOCS], budget_text(config, 50, [0], stl, "full archives"))
+    # A budget with the newer recipe's parts names them, so it never matches the old runs.
+    for change in (dict(lr_schedule="cosine", warmup_fraction=0.05), dict(augment_rotation=10.0),
+                   dict(label_smoothing=0.1)):
+        newer = budget_text(config.replace(**change), 50, [0], stl, "full archives")
+        assert newer != saved["meta"]["budget"] and str(next(iter(change.values()))) in newer
+        with pytest.raises(ValueError, match="another budget"):
+            load_reused_runs([DOCS / "results"], newer)
 
 
 # ------------------------------------------------- on the small archives

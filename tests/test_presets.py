@@ -37,7 +37,9 @@ def test_groups_and_exclusions_keep_the_preset_value():
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--image-size", "0"],
-                                  ["--batch-size", "-4"], ["--routing-mode", "x"], ["--weighting", "nope"]])
+                                  ["--batch-size", "-4"], ["--routing-mode", "x"], ["--weighting", "nope"],
+                                  ["--augment-shift", "-0.1"], ["--label-smoothing", "nan"],
+                                  ["--warmup-fraction", "-1"], ["--lr-schedule", "step"]])
 def test_bad_values_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         _parse(argv)
@@ -57,9 +59,17 @@ def test_build_model_follows_the_config():
 
     tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "binary", 1)])
     config = get_preset("default").replace(width=4, depth=2, head_units=(8,), bn_momentum=0.8, lr=0.01)
-    model = build_model(config, tasks, (16, 16, 1), name="m")
+    model = build_model(config.replace(lr_schedule="constant"), tasks, (16, 16, 1), name="m")
     norms = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(norms) == 2 and all(l.momentum == 0.8 for l in norms)
     assert model.task_heads.hidden_units == (8,) and abs(float(model.optimizer.learning_rate) - 0.01) < 1e-9
-    hard = build_model(config, tasks, (16, 16, 1), sigma=1.0)
+    hard = build_model(config.replace(lr_schedule="constant"), tasks, (16, 16, 1), sigma=1.0)
     assert not hard.routed and model.routed
+
+
+def test_zero_turns_augmentation_and_smoothing_off():
+    config = _parse(["--augment-shift", "0", "--augment-rotation", "0", "--augment-scale", "0",
+                     "--label-smoothing", "0", "--warmup-fraction", "0"])
+    assert not config.augmentation().enabled and config.label_smoothing == 0.0
+    on = _parse(["--augment-shift", "0.1", "--augment-rotation", "5", "--augment-scale", "0"])
+    assert (on.augmentation().shift, on.augmentation().rotation, on.augmentation().enabled) == (0.1, 5.0, True)

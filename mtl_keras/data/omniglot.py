@@ -70,6 +70,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mtl_keras.image_preprocessing import ImagePreprocessing
 from mtl_keras.tasks import Task
 from mtl_keras.tasks import TaskSet
 
@@ -864,6 +865,32 @@ def _inverted_png(data, path, member):
     return out.getvalue()
 
 
+def serving_preprocessing(image_size=32):
+    """How `load_omniglot(image_size=...)` makes its images from an archive PNG, for an export.
+
+    The same steps as preparation (`_inverted_png`: to 8-bit grayscale, then
+    `255 - pixels`) and `load_omniglot`'s pipeline (to float32 in [0, 1];
+    when the size is not 105, bilinear resize with antialiasing, clipped to
+    [0, 1]). An archive PNG given to an export's bytes signature therefore
+    becomes the image training saw (tests/test_export_bytes.py checks it).
+    The 1-bit re-encoding of preparation changes nothing on the archive's
+    1-bit images; grey levels of other files are kept, not dithered.
+
+    Args:
+        image_size: the `image_size` the model was trained with.
+
+    Returns:
+        An `ImagePreprocessing`.
+
+    Example:
+
+    >>> export_for_serving(model, "saved_models/omniglot", preprocessing=serving_preprocessing(32))
+    """
+    size = _positive_int("image_size", image_size)
+    return ImagePreprocessing(height=size, width=size, channels=IMAGE_SHAPE[2], invert=True,
+                              resize_method="bilinear", antialias=True, background=255)
+
+
 # --------------------------------------------------------------------------
 # The TFDS builder.
 # --------------------------------------------------------------------------
@@ -1343,6 +1370,7 @@ def load_omniglot(
     seed=0,
     cache=True,
     download=True,
+    augment=None,
 ):
     """Loads Omniglot as one classification task per alphabet.
 
@@ -1352,7 +1380,8 @@ def load_omniglot(
     filter to the selected alphabets -> decode, invert is already done,
     resize (bilinear with antialiasing) and scale to [0, 1] -> `cache()` ->
     shuffle (train only, seeded, reshuffled every epoch) -> batch ->
-    prefetch. Output order is deterministic for a given `seed`.
+    augment (train only, optional) -> prefetch. Output order and
+    augmentation are deterministic for a given `seed`.
 
     A split smaller than `batch_size` gives one smaller batch.
 
@@ -1376,6 +1405,9 @@ def load_omniglot(
         download: download the official archives when they are found
             nowhere and nothing is prepared (`find_omniglot_dir`);
             `$MTL_KERAS_NO_DOWNLOAD=1` forbids it whatever this says.
+        augment: a `mtl_keras.augmentation.RandomAffine` applied to the
+            training batches (new transformations every epoch, seeded by
+            `seed`); None: no augmentation.
 
     Returns:
         An `OmniglotData`.
@@ -1444,6 +1476,8 @@ def load_omniglot(
         # bar has a target from the first epoch and Keras does not warn.
         ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples[split]))
         ds = ds.batch(batch_size, drop_remainder=False)
+        if split == "train" and augment is not None:
+            ds = augment.apply_to(ds, seed=seed)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     return OmniglotData(

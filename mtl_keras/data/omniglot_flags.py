@@ -35,7 +35,7 @@ def load_omniglot_from_args(args, config, seed=None):
     Args:
         args: parsed flags from a parser given `add_omniglot_arguments`.
         config: the `mtl_keras.presets.TrainConfig` (tasks, image_size,
-            batch_size, seed).
+            batch_size, seed, training augmentation).
         seed: the shuffle seed, overriding `config.seed`.
 
     Returns:
@@ -44,5 +44,5 @@ def load_omniglot_from_args(args, config, seed=None):
     return load_omniglot(
         data_dir=args.data_dir, tasks=config.tasks, image_size=config.image_size, batch_size=config.batch_size,
         tfds_dir=args.tfds_dir, archives=args.archives, seed=config.seed if seed is None else seed,
-        download=not args.no_download,
+        download=not args.no_download, augment=config.augmentation(),
     )

@@ -59,7 +59,9 @@ TARGET_COLLECTION_SPEEDUP = 10.0  # issue 3: one-pass collection >= 10x cheaper 
 # Speed hardly depends on these; they stay what docs/BENCHMARKS.md was measured
 # with (the model's and trunk's own defaults then: no head dropout, BN momentum
 # 0.99, Adam at 1e-3), so new numbers compare with the documented ones.
-FIXED_TRAINING = {"head_dropout": 0.0, "bn_momentum": 0.99, "lr": 1e-3, "routing_mode": "partition", "seed": 0}
+FIXED_TRAINING = {"head_dropout": 0.0, "bn_momentum": 0.99, "lr": 1e-3, "routing_mode": "partition", "seed": 0,
+                  # speed does not depend on the learning rate; a constant one needs no run length
+                  "lr_schedule": "constant"}
 
 
 @dataclasses.dataclass(frozen=True)

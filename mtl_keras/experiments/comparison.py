@@ -191,6 +191,12 @@ def _sharing_callback(config, seed):
     return sharing.SelectiveSharing(**kwargs)
 
 
+def _batches(dataset):
+    """Batches in one pass of `dataset`, or None when tf.data does not know."""
+    n = int(dataset.cardinality())
+    return n if n > 0 else None
+
+
 def run_mtl(config, data, train_config, seed, verbose=1):
     """Trains and tests one multi-task configuration; returns its result dict.
 
@@ -208,6 +214,7 @@ def run_mtl(config, data, train_config, seed, verbose=1):
     model = build_model(
         train_config, tasks, image_shape(data.train), sigma=config["sigma"],
         weighting=get_weighting(config["weighting"], **config.get("weighting_kwargs", {})), seed=seed, name="mtl",
+        steps_per_epoch=_batches(data.train),
     )
     params_at_start = model.count_params()
     callbacks = [_sharing_callback(config, seed)] if config["sharing"] else []
@@ -307,7 +314,16 @@ def budget_text(train_config, num_tasks, seeds, stl, data_label=None):
     """
     c = train_config
     tasks = f"{num_tasks} tasks" + (f" ({data_label})" if data_label else "")
-    return (f"{c.epochs} epochs, seeds {list(seeds)}, batch {c.batch_size}, Adam lr {c.lr}, "
+    # Named only when used, so budgets written before these parts existed still match.
+    recipe = ""
+    if c.lr_schedule != "constant":
+        recipe += f" ({c.lr_schedule}, warm-up {c.warmup_fraction} of the steps)"
+    if c.augmentation().enabled:
+        recipe += (f", augmentation shift {c.augment_shift} rotation {c.augment_rotation} "
+                   f"scale {c.augment_scale}")
+    if c.label_smoothing:
+        recipe += f", label smoothing {c.label_smoothing}"
+    return (f"{c.epochs} epochs, seeds {list(seeds)}, batch {c.batch_size}, Adam lr {c.lr}{recipe}, "
             f"{tasks}, {c.image_size}x{c.image_size} images, "
             f"VGG width {c.width} depth {c.depth}, BN momentum {c.bn_momentum}, "
             f"head units {list(c.head_units)}, head dropout {c.head_dropout}, "

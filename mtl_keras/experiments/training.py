@@ -35,8 +35,43 @@ def backbone_builder(config, input_shape, num_tasks):
     return build
 
 
-def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=None, name=None, tasks_per_step=1):
-    """A compiled `MultiTaskModel` (Adam at `config.lr`) on `build_backbone`'s trunk.
+def learning_rate(config, steps_per_epoch=None):
+    """Adam's learning rate of `config`: `config.lr`, or its schedule over `config.epochs`.
+
+    `"cosine"`: linear warm-up from 0 over the first `config.warmup_fraction`
+    of the run's steps, then cosine decay from `config.lr` to 0 at its last
+    step. Warm-up as a share of the run keeps a 3-epoch try from spending a
+    third of it warming up.
+
+    Args:
+        config: a `TrainConfig`.
+        steps_per_epoch: training steps per epoch; needed by schedules.
+
+    Returns:
+        A float or a `keras.optimizers.schedules.LearningRateSchedule`.
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule != "cosine":
+        raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use 'constant' or 'cosine'.")
+    if not steps_per_epoch or steps_per_epoch < 1:
+        raise ValueError(
+            "The cosine learning-rate schedule spans the run, so it needs steps_per_epoch "
+            f"(training steps per epoch); got {steps_per_epoch!r}."
+        )
+    total = int(config.epochs) * int(steps_per_epoch)
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction is a share of the run's steps, in [0, 1); got {config.warmup_fraction!r}.")
+    warmup = min(int(round(config.warmup_fraction * total)), total - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.lr, decay_steps=total - warmup,
+        warmup_target=config.lr if warmup else None, warmup_steps=warmup,
+    )
+
+
+def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=None, name=None, tasks_per_step=1,
+                steps_per_epoch=None):
+    """A compiled `MultiTaskModel` (Adam at `learning_rate(config)`) on `build_backbone`'s trunk.
 
     Call it inside `strategy.scope()` to train under a distribution strategy.
 
@@ -51,13 +86,15 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
         name: the model's name.
         tasks_per_step: tasks each example is routed through per step, on
             data labelled for several tasks (`MultiTaskModel`'s argument).
+        steps_per_epoch: training steps per epoch, for a learning-rate
+            schedule over the run (`learning_rate`).
 
     Returns:
         The compiled model.
 
     Example:
 
-    >>> model = build_model(get_preset("default"), data.tasks, (32, 32, 1))
+    >>> model = build_model(get_preset("default"), data.tasks, (32, 32, 1), steps_per_epoch=steps)
     >>> model.fit(data.train, epochs=1)
     """
     seed = config.seed if seed is None else seed
@@ -65,7 +102,8 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
     model = MultiTaskModel(
         backbone, tasks, head_units=config.head_units, head_dropout=config.head_dropout,
         weighting=config.weighting if weighting is None else weighting, tasks_per_step=tasks_per_step,
-        seed=seed, name=name,
+        label_smoothing=config.label_smoothing, seed=seed, name=name,
     )
-    model.compile(optimizer=keras.optimizers.Adam(config.lr), jit_compile=config.jit_compile)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
+                  jit_compile=config.jit_compile)
     return model
