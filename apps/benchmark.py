@@ -32,12 +32,14 @@ of it reached after the model was built. On a GPU,
 Step times are medians, robust to a few slow steps; a machine shared with
 other work still inflates them, so compare ratios measured in one run. The
 report records the machine's load and the other processes' CPU time while
-it ran (its provenance), so a reader can tell.
+it ran (its provenance), so a reader can tell. Bad input ends the app with a
+line "benchmark: error: ..." and status 2.
 """
 
 import argparse
 import dataclasses
 
+from mtl_keras.app_errors import exit_on_user_error
 from mtl_keras.experiments.benchmark_report import text_report, write_report
 from mtl_keras.experiments.benchmarking import FULL_TASKS, BenchmarkSettings, resolve_settings, run_benchmark
 from mtl_keras.experiments.provenance import RunProvenance, run_directory
@@ -84,6 +86,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@exit_on_user_error("benchmark")
 def main(argv=None):
     args = parse_args(argv)
     settings = resolve_settings(

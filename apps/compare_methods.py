@@ -13,11 +13,13 @@ retraining them. `--reuse DIR...` takes the runs of earlier comparisons of
 the same budget instead of training them again (to add seeds, or to put
 several comparisons in one table; `--reuse-only` trains nothing). Writes
 into --output: results.md, results.csv, per_task.csv, results.json (with
-the run's provenance: commit, command, machine load) and results.png.
+the run's provenance: commit, command, machine load) and results.png. Bad
+input ends the app with a line "compare_methods: error: ..." and status 2.
 """
 
 import argparse
 
+from mtl_keras.app_errors import exit_on_user_error
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args
 from mtl_keras.experiments.comparison import (
     CONFIGURATION_GRAMMAR, DEFAULT_CONFIGS, SingleTaskBudget, compare, resolve_configs,
@@ -25,7 +27,7 @@ from mtl_keras.experiments.comparison import (
 from mtl_keras.experiments.comparison_tables import summary_table
 from mtl_keras.experiments.provenance import PACKAGE_ROOT, RunProvenance, run_directory
 from mtl_keras.presets import add_config_arguments, config_from_args
-from mtl_keras.reporting import text_table
+from mtl_keras.reporting import ensure_writable_dir, text_table
 
 # --configs sets sigma, weighting and sharing per run and --seeds the seeds, so
 # flags for them would be ignored; routing_mode stays the preset's because the
@@ -66,10 +68,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@exit_on_user_error("compare_methods")
 def main(argv=None):
     args = parse_args(argv)
     config = config_from_args(args)
     configs, skipped = resolve_configs(args.configs)
+    # Folders that cannot be written fail now, not after the training they would hold.
+    output = run_directory("compare", args.output)
+    ensure_writable_dir(args.cache_dir, "--cache-dir")
     for name, why in skipped:
         print(f"skipping {name}: {why}")
 
@@ -79,7 +85,7 @@ def main(argv=None):
     result = compare(
         configs, args.seeds, load_data, config,
         data_description={"data": "omniglot", "archives": args.archives},
-        cache_dir=args.cache_dir, output=run_directory("compare", args.output),
+        cache_dir=args.cache_dir, output=output,
         provenance=RunProvenance(argv, program=__file__),
         stl=SingleTaskBudget(args.stl_epochs, args.stl_batch_size, args.stl_patience),
         data_title="Omniglot, {num_tasks} alphabets", data_label=f"{args.archives} archives", reuse=args.reuse, reuse_only=args.reuse_only,

@@ -25,6 +25,8 @@ Writes `OUTPUT/grouping.json` (`{"rules": {NAME: {"ari_mean", "ari_per_seed"}},
 "sweeps": ..., "setting": ..., "provenance": ...}`), `OUTPUT/grouping.png` (ARI
 per rule and the sweeps) and `OUTPUT/affinity_seed0.png` (gradient affinity
 with dendrogram). The experiment itself is `mtl_keras.experiments.grouping`.
+Bad input ends the app with a line "grouping_benchmark: error: ..." and
+status 2.
 """
 
 import argparse
@@ -34,6 +36,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
 from mtl_keras.experiments.grouping import (  # noqa: E402
     GROUPING_SETTINGS, HEAD_UNITS, HIDDEN, SETTING, plot_grouping, run_setting, run_sweeps, summarise,
 )
@@ -58,6 +61,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@exit_on_user_error("grouping_benchmark")
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()

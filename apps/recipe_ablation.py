@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mtl_keras.app_errors import exit_on_user_error
 from mtl_keras.experiments.ablation import AblationRow, ablation_table, run_ablation, summarise_ablation
 from mtl_keras.experiments.provenance import RunProvenance, describe
 from mtl_keras.reporting import ensure_writable_dir, write_json
@@ -52,6 +53,7 @@ def parse_args(argv=None):
     return args
 
 
+@exit_on_user_error("recipe_ablation")
 def main(argv=None):
     args = parse_args(argv)
     output = ensure_writable_dir(args.output, "--output")

@@ -236,10 +236,28 @@ def _size(text):
     return int(m.group(1)), int(m.group(2) or m.group(1))
 
 
+def _url(text):
+    # urllib would refuse any other scheme only at the first request, with a traceback.
+    if not re.match(r"https?://[^/\s]+", text):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// address (e.g. http://localhost:8501), "
+                                         f"got {text!r}")
+    return text
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    p.add_argument("--url", default="http://localhost:8501", help="TF Serving's REST address")
+    p.add_argument("--url", type=_url, default="http://localhost:8501", help="TF Serving's REST address")
     p.add_argument("--model", default="omniglot", help="the served model's name (MODEL_NAME)")
     p.add_argument("--version", type=int, default=None, help="a model version (default: the server's latest)")
     p.add_argument("--task", default=None,
@@ -255,7 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--invert", choices=("auto", "yes", "no"), default=None,
                    help="--send pixels: invert images (auto, the default: when the paper is lighter than the ink)")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most probable classes")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per HTTP request")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p.parse_args(argv)
 

@@ -9,7 +9,9 @@ seed, wall time, export path, provenance), accuracy.png, and exports a
 SavedModel for TF Serving to saved_models/omniglot/<version>/ (--export-dir
 to change). Data, model and training defaults are the "default" preset
 (mtl_keras.presets). A run that cannot succeed (a NaN loss, bad data, missing
-archives) prints why and exits with status 1, with no report and no export.
+archives, a folder that cannot be written) prints why in a line
+"train_omniglot: error: ..." and exits with status 2, with no report and no
+export (mtl_keras.app_errors).
 """
 
 import argparse
@@ -21,10 +23,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from mtl_keras.callbacks import NonFiniteLossError  # noqa: E402
-from mtl_keras.data.omniglot import OmniglotArchiveError, OmniglotNotFoundError, serving_preprocessing  # noqa: E402
+from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
+from mtl_keras.data.omniglot import serving_preprocessing  # noqa: E402
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import (  # noqa: E402
     BackupAndRestore, backup_dir_for_worker, enable_determinism, epoch_stream, get_strategy, is_chief,
@@ -34,7 +35,7 @@ from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noq
 from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
 from mtl_keras.experiments.training import build_model  # noqa: E402
 from mtl_keras.export import export_for_serving  # noqa: E402
-from mtl_keras.input_checks import check_fraction, check_sigma, describe_error, require_one_global_batch  # noqa: E402
+from mtl_keras.input_checks import check_fraction, check_sigma, require_one_global_batch  # noqa: E402
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
@@ -43,9 +44,6 @@ from mtl_keras.sharing import SelectiveSharing  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# A run that meets one of these ends with its message and exit status 1, before any report or export.
-RUN_ERRORS = (NonFiniteLossError, OmniglotNotFoundError, OmniglotArchiveError, ValueError,
-              tf.errors.InvalidArgumentError)
 
 
 def parse_args(argv=None):
@@ -141,6 +139,7 @@ def train_and_export(args, config, strategy, output, started):
     return report, output, data.tasks
 
 
+@exit_on_user_error("train_omniglot")
 def main(argv=None):
     args = parse_args(argv)
     config = config_from_args(args)
@@ -151,19 +150,13 @@ def main(argv=None):
     if args.deterministic:
         enable_determinism()
     # Folders that cannot be written fail now, not after the training they would hold.
-    try:
-        output = ensure_writable_dir(args.output, "--output") if args.output else run_directory("omniglot")
-        if not args.no_export:
-            ensure_writable_dir(args.export_dir, "--export-dir")
-        if args.backup_dir:
-            ensure_writable_dir(args.backup_dir, "--backup-dir")
-    except OSError as e:
-        raise SystemExit(f"train_omniglot: error: {e if e.filename else e.strerror}")
-    try:
-        with RunProvenance(argv, __file__) as provenance:
-            report, output, tasks = train_and_export(args, config, strategy, output, started)
-    except RUN_ERRORS as e:
-        raise SystemExit(f"train_omniglot: {describe_error(e)}") from e
+    output = run_directory("omniglot", args.output)
+    if not args.no_export:
+        ensure_writable_dir(args.export_dir, "--export-dir")
+    if args.backup_dir:
+        ensure_writable_dir(args.backup_dir, "--backup-dir")
+    with RunProvenance(argv, __file__) as provenance:
+        report, output, tasks = train_and_export(args, config, strategy, output, started)
     report.update(command=provenance.record["command"], provenance=provenance.record)
     plot_task_bars(report["test_accuracy"], output / "accuracy.png",
                    title=f"Omniglot per-alphabet test accuracy (sigma={config.sigma}, "

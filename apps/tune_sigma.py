@@ -19,7 +19,9 @@ rate when --lr-range is not given. Data, model and training defaults are the
 Writes into --output (default runs/tune_sigma/<timestamp>): tuning.json
 (every trial, the best hyperparameters, the reload check, per-alphabet test
 accuracy, provenance), objective_vs_sigma.png, best_model.keras and
-TensorBoard logs of each trial under tensorboard/.
+TensorBoard logs of each trial under tensorboard/. Bad input (missing or
+corrupt archives, a folder that cannot be written, trials ending in a NaN
+loss) ends the app with a line "tune_sigma: error: ..." and status 2.
 """
 
 import argparse
@@ -30,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
+from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
 from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
 from mtl_keras.distribute import get_strategy, prepare_for_replicas  # noqa: E402
 from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
@@ -38,7 +41,7 @@ from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E4
 from mtl_keras.reporting import per_task, write_json  # noqa: E402
 from mtl_keras.tuning import (  # noqa: E402
     OBJECTIVE_NAME, TUNERS, SigmaHyperModel, check_best_model, check_saved_model, make_tuner, plot_objective,
-    trials_table, trials_text_table,
+    search, trials_table, trials_text_table,
 )
 
 # Searched, or fixed by the search: not flags of this app.
@@ -68,7 +71,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def search(args, config, output):
+def run_search(args, config, output):
     """Runs (or resumes) the search, checks and saves the best model; returns the report."""
     started = time.time()
     strategy = get_strategy(config.strategy)
@@ -99,8 +102,8 @@ def search(args, config, output):
     done_before = sum(1 for t in trials_table(tuner) if t["score"] is not None)
     if done_before:
         print(f"Resuming the search in {output / 'tuner'}: {done_before} trial(s) already done.")
-    tuner.search(train, validation_data=validation, epochs=config.epochs, verbose=args.verbose,
-                 callbacks=[keras.callbacks.TensorBoard(str(output / "tensorboard"))])
+    search(tuner, train, validation_data=validation, epochs=config.epochs, verbose=args.verbose,
+           callbacks=[keras.callbacks.TensorBoard(str(output / "tensorboard"))])
     search_seconds = time.time() - started
 
     trials = trials_table(tuner)
@@ -122,13 +125,14 @@ def search(args, config, output):
     }
 
 
+@exit_on_user_error("tune_sigma")
 def main(argv=None):
     args = parse_args(argv)
     config = config_from_args(args)
     keras.utils.set_random_seed(config.seed)
     output = run_directory("tune_sigma", args.output)
     with RunProvenance(argv, __file__) as provenance:
-        report = search(args, config, output)
+        report = run_search(args, config, output)
     report.update(command=provenance.record["command"], provenance=provenance.record)
     write_json(output / "tuning.json", report)
 

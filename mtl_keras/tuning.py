@@ -20,7 +20,7 @@ Example:
 ...     return conv_backbone((32, 32, 1), len(tasks), sigma=sigma, filters=vgg_filters(width, 3), seed=seed)
 >>> hypermodel = SigmaHyperModel(backbone, tasks, widths=(16, 32))
 >>> tuner = make_tuner("bayesian", hypermodel, "runs/tune", max_trials=10)
->>> tuner.search(train, validation_data=val, epochs=5)
+>>> search(tuner, train, validation_data=val, epochs=5)
 >>> best = tuner.get_best_models(1)[0]
 """
 
@@ -121,6 +121,8 @@ class SigmaHyperModel(keras_tuner.HyperModel):
         self.optimizer = optimizer
         self.seed = seed
         self.model_kwargs = model_kwargs
+        # KerasTuner keeps only a failed trial's traceback text; `search` raises the error itself.
+        self.last_failure = None
         params = inspect.signature(build_backbone).parameters
         takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
         self._pass_seed = takes_kwargs or "seed" in params
@@ -159,6 +161,13 @@ class SigmaHyperModel(keras_tuner.HyperModel):
         model.compile(optimizer=optimizer)
         return model
 
+    def fit(self, hp, model, *args, **kwargs):
+        try:
+            return model.fit(*args, **kwargs)
+        except Exception as e:
+            self.last_failure = e
+            raise
+
 
 def make_tuner(
     kind,
@@ -189,7 +198,7 @@ def make_tuner(
             `executions_per_trial`).
 
     Returns:
-        The tuner; call `tuner.search(train, validation_data=val, epochs=E)`.
+        The tuner; call `search(tuner, train, validation_data=val, epochs=E)`.
     """
     common = dict(
         objective=objective(),
@@ -206,6 +215,28 @@ def make_tuner(
     if kind == "hyperband":
         return keras_tuner.Hyperband(hypermodel, max_epochs=max(2, int(max_epochs)), factor=3, **common)
     raise ValueError(f"Unknown tuner {kind!r}; choose one of {TUNERS}.")
+
+
+def search(tuner, *args, **kwargs):
+    """`tuner.search(*args, **kwargs)`; when its trials failed, the last failed trial's own error.
+
+    KerasTuner goes on after a failed trial and stops after three in a row
+    with a `RuntimeError` that holds only the last one's traceback as text
+    (fewer trials, all failed, end with no error at all). When the search
+    ends with no scored trial, or by that stop, and a trial of this process
+    failed, that trial's exception is raised instead, so a NaN loss or a
+    refused batch reaches the caller as the library's own error.
+    """
+    try:
+        tuner.search(*args, **kwargs)
+    except RuntimeError as e:
+        failure = getattr(tuner.hypermodel, "last_failure", None)
+        if failure is None or not str(e).startswith("Number of consecutive failures"):
+            raise
+        raise failure from e
+    failure = getattr(tuner.hypermodel, "last_failure", None)
+    if failure is not None and all(row["score"] is None for row in trials_table(tuner)):
+        raise failure
 
 
 def trials_table(tuner):

@@ -292,3 +292,16 @@ def test_client_runs_without_tensorflow():
     assert res.returncode == 0 and "TF Serving" in res.stdout
     imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
     assert {"numpy", "PIL"} <= imported and not imported & {"tensorflow", "keras", "mtl_keras"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--url", "localhost:8501"], "argument --url: expected an http:// or https:// address"),
+    (["--url", "ftp://host"], "argument --url: expected an http:// or https:// address"),
+    (["--timeout", "0"], "argument --timeout: expected a number of seconds > 0, got '0'"),
+    (["--timeout", "nan"], "argument --timeout: expected a number of seconds > 0, got 'nan'"),
+])
+def test_bad_url_and_timeout_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args([*flags, "char.png"])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

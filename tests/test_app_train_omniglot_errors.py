@@ -1,4 +1,4 @@
-"""apps/train_omniglot.py refuses what cannot succeed: a clear message, a non-zero exit, no report, no export."""
+"""apps/train_omniglot.py refuses what cannot succeed: a clear message, exit status 2, no report, no export."""
 
 import os
 import subprocess
@@ -65,29 +65,31 @@ def test_a_nan_loss_ends_the_run_with_its_tasks_named_and_no_report_or_export(tf
         [sys.executable, str(ROOT / "apps" / "train_omniglot.py"), *small_run(tfds_dir, tmp_path, "--lr", "1e30")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("train_omniglot: The training loss of task(s) ")
+    assert last.startswith("train_omniglot: error: The training loss of task(s) ")
     assert "'Balinese'" in last and "went NaN or infinite in epoch 1" in last and "must not be used or exported" in last
     assert "Traceback" not in result.stderr
     assert_nothing_written(tmp_path)
 
 
-def test_fewer_training_examples_than_one_global_batch_on_two_replicas(tfds_dir, tmp_path):
+def test_fewer_training_examples_than_one_global_batch_on_two_replicas(tfds_dir, tmp_path, capsys):
     # conftest.py gives this process two logical CPUs, so "mirrored" has 2 replicas.
     with pytest.raises(SystemExit) as exit_:
         train_omniglot.main(small_run(tfds_dir, tmp_path, "--strategy", "mirrored", "--batch-size", "4096"))
-    assert exit_.value.code == (
-        "train_omniglot: The training data has 644 examples, fewer than one global batch of 4096 (2 replica(s)), "
-        "so no step would run: use a batch size of at most 644 (a multiple of 2; --batch-size), more data "
-        "(e.g. more --tasks), or one replica."
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "train_omniglot: error: The training data has 644 examples, fewer than one global batch of 4096 "
+        "(2 replica(s)), so no step would run: use a batch size of at most 644 (a multiple of 2; --batch-size), "
+        "more data (e.g. more --tasks), or one replica."
     )
     assert_nothing_written(tmp_path)
 
 
-def test_missing_archives_end_the_run_with_the_data_modules_message(tmp_path):
+def test_missing_archives_end_the_run_with_the_data_modules_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_omniglot.main(small_run(tmp_path / "tfds", tmp_path, "--data-dir", str(tmp_path / "absent"),
                                       "--no-download"))
-    assert exit_.value.code.startswith("train_omniglot: Omniglot archives not found in data_dir=")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("train_omniglot: error: Omniglot archives not found in data_dir=")
     assert_nothing_written(tmp_path)

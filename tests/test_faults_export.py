@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from stopped_children import wait_stopped
+
 ROOT = Path(__file__).resolve().parents[1]
 STOPPED = "FAULT-TEST: stopped"
 TIMEOUT = 240
@@ -112,13 +114,9 @@ class _Child:
 
     def wait_stopped(self, deadline):
         self.wait_for(STOPPED, deadline)
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.proc.pid, os.WUNTRACED | os.WNOHANG)
-            if pid and os.WIFSTOPPED(status):
-                return
-            assert not pid, f"{self.mode}: the child ended instead of stopping"
-            time.sleep(0.05)  # the stop follows the line at once; polling, with a deadline
-        raise AssertionError(f"{self.mode}: never stopped")
+        # The stop follows the line at once.
+        stopped = wait_stopped(self.proc, deadline, poll=0.05)
+        assert stopped, f"{self.mode}: the child ended (or ran on) instead of stopping"
 
     def kill(self):
         if self.proc.returncode is None:

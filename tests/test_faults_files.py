@@ -99,25 +99,35 @@ def _app(tmp_path, *flags):
     return ["--tasks", "2", "--epochs", "1", "--tfds-dir", str(tmp_path / "tfds"), "--verbose", "0", *flags]
 
 
+def _refused(capsys, argv):
+    """The error line of an app run that must end with status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        train_omniglot.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert "Omniglot:" not in out, "data were loaded before the check"
+    return err
+
+
 def test_app_refuses_an_output_path_that_is_a_file_before_training(tmp_path, capsys):
     taken = tmp_path / "results"
     taken.write_text("someone's file")
-    with pytest.raises(SystemExit, match=r"train_omniglot: error: Output folder .*results \(given by --output\) "
-                                         r"is a file, not a folder"):
-        train_omniglot.main(_app(tmp_path, "--output", str(taken), "--export-dir", str(tmp_path / "saved")))
+    err = _refused(capsys, _app(tmp_path, "--output", str(taken), "--export-dir", str(tmp_path / "saved")))
+    assert err == (f"train_omniglot: error: Output folder {taken} (given by --output) is a file, not a folder; "
+                   "choose another path.\n")
     assert taken.read_text() == "someone's file"
-    assert "Omniglot:" not in capsys.readouterr().out, "data were loaded before the check"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
 def test_app_refuses_read_only_output_and_export_folders_before_training(tmp_path, read_only_dir, capsys):
-    with pytest.raises(SystemExit, match=r"Cannot write into the output folder .*run \(given by --output\)"):
-        train_omniglot.main(_app(tmp_path, "--output", str(read_only_dir / "run"),
-                                 "--export-dir", str(tmp_path / "saved")))
-    with pytest.raises(SystemExit, match=r"Cannot write into the output folder .*read_only \(given by --export-dir\)"):
-        train_omniglot.main(_app(tmp_path, "--output", str(tmp_path / "run"), "--export-dir", str(read_only_dir)))
-    with pytest.raises(SystemExit, match=r"given by --backup-dir"):
-        train_omniglot.main(_app(tmp_path, "--output", str(tmp_path / "run"), "--no-export",
-                                 "--backup-dir", str(read_only_dir / "backup")))
-    assert "Omniglot:" not in capsys.readouterr().out, "data were loaded before the check"
+    err = _refused(capsys, _app(tmp_path, "--output", str(read_only_dir / "run"),
+                                "--export-dir", str(tmp_path / "saved")))
+    assert err.startswith(f"train_omniglot: error: Cannot write into the output folder {read_only_dir / 'run'} "
+                          "(given by --output): ")
+    err = _refused(capsys, _app(tmp_path, "--output", str(tmp_path / "run"), "--export-dir", str(read_only_dir)))
+    assert err.startswith(f"train_omniglot: error: Cannot write into the output folder {read_only_dir} "
+                          "(given by --export-dir): ")
+    err = _refused(capsys, _app(tmp_path, "--output", str(tmp_path / "run"), "--no-export",
+                                "--backup-dir", str(read_only_dir / "backup")))
+    assert "(given by --backup-dir)" in err
     assert not list((tmp_path / "run").iterdir())

@@ -20,6 +20,7 @@ import time
 import keras
 import numpy as np
 
+from stopped_children import kill_when_stopped, reap
 from test_distribute import ROOT, WORKER, _free_ports, _load_weights, _train
 from mtl_keras.distribute import get_strategy
 
@@ -39,39 +40,21 @@ def _start(tmp_path, tag, ports, index, extra=()):
     return proc, log
 
 
-def _wait_stopped(proc, deadline):
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
-        if pid and os.WIFSTOPPED(status):
-            return True
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return False
-        time.sleep(0.2)  # polling a state change, with a deadline
-    return False
-
-
-def _reap(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-
-
 def test_kill_9_of_one_worker_mid_epoch_then_both_restarted(tmp_path):
     deadline = time.monotonic() + TIMEOUT
     ports = ",".join(str(p) for p in _free_ports(2))
     (w0, log0), (w1, log1) = _start(tmp_path, "first", ports, 0), _start(tmp_path, "first", ports, 1,
                                                                             ["--stop-at", "1:1"])
     try:
-        stopped = _wait_stopped(w1, deadline)
-        assert stopped, f"worker 1 did not reach epoch 2:\n{log1.read_text()[-3000:]}\n----\n{log0.read_text()[-3000:]}"
-        w1.send_signal(signal.SIGKILL)
-        w1.wait(timeout=60)
+        kill_when_stopped(w1, deadline, "epoch 2, batch 2",
+                          lambda: f"{log1.read_text()[-3000:]}\n----\n{log0.read_text()[-3000:]}")
+        # Where an uninterrupted run ends: one device on the same global batches (the equivalence
+        # tests/test_distribute.py holds to 1e-5). Trained here, while the survivor idles out the heartbeats.
+        _, reference, history = _train(get_strategy("default"), lambda: keras.optimizers.SGD(0.1), epochs=EPOCHS)
         # The survivor notices by itself (missed heartbeats) and fails: it does not hang.
         w0.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        _reap([w0, w1])
+        reap([w0, w1])
     assert w1.returncode == -signal.SIGKILL
     survivor = log0.read_text()
     assert w0.returncode == 1, survivor[-3000:]
@@ -84,11 +67,12 @@ def test_kill_9_of_one_worker_mid_epoch_then_both_restarted(tmp_path):
     # The whole job restarted with the same command (new ports: the old ones may linger).
     ports = ",".join(str(p) for p in _free_ports(2))
     procs = [_start(tmp_path, "restart", ports, i) for i in range(2)]
+    deadline = time.monotonic() + TIMEOUT
     try:
         for proc, log in procs:
-            proc.wait(timeout=max(1.0, time.monotonic() + TIMEOUT - time.monotonic()))
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        _reap([p for p, _ in procs])
+        reap([p for p, _ in procs])
     outputs = [log.read_text() for _, log in procs]
     assert [p.returncode for p, _ in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
     reports = [json.loads(o.strip().splitlines()[-1]) for o in outputs]
@@ -97,9 +81,6 @@ def test_kill_9_of_one_worker_mid_epoch_then_both_restarted(tmp_path):
     for a, b in zip(r0, r1):
         np.testing.assert_array_equal(a, b)
 
-    # Where an uninterrupted run ends: one device on the same global batches (the
-    # equivalence tests/test_distribute.py holds to 1e-5).
-    _, reference, history = _train(get_strategy("default"), lambda: keras.optimizers.SGD(0.1), epochs=EPOCHS)
     diff = max(np.abs(a - r).max() for a, r in zip(r0, reference))
     print(f"\nkilled and restarted 2-worker job vs one device: max |w - w_ref| = {diff:.3g}")
     np.testing.assert_allclose(reports[0]["loss"], history["loss"][1:], rtol=1e-5)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from stopped_children import kill_when_stopped, reap
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "train_omniglot.py"
 FROZEN = "FAULT-TEST: stopped"
@@ -88,32 +90,10 @@ def _finish(proc, log, deadline):
     return text
 
 
-def _wait_stopped_then_kill(proc, log, deadline, where=f"epoch {KILL_EPOCH + 1}, batch {KILL_BATCH + 1}"):
-    """Waits until the freezing child has stopped itself at `where`, then kills it with SIGKILL."""
-    stopped = False
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
-        if pid and os.WIFSTOPPED(status):
-            stopped = True
-            break
-        if pid:  # it ended without reaching the batch
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            break
-        time.sleep(0.2)  # polling a state change, with a deadline
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    text = Path(log).read_text()
-    assert stopped, f"the child did not reach {where}:\n{text[-4000:]}"
-    assert proc.returncode == -signal.SIGKILL
-    return text
-
-
-def _reap(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
+def _kill_when_stopped(proc, log, deadline, where=f"epoch {KILL_EPOCH + 1}, batch {KILL_BATCH + 1}"):
+    """Kills the freezing child once it has stopped itself at `where`; returns its output."""
+    kill_when_stopped(proc, deadline, where, lambda: Path(log).read_text())
+    return Path(log).read_text()
 
 
 def _weights(path):
@@ -140,24 +120,21 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes_exactly(tmp_path):
         # The reference (the same command, never interrupted) beside the run that is killed.
         procs.append(_start(APP, _flags(tmp_path, "whole", data_dir), tmp_path / "whole.log"))
         procs.append(_start(__file__, flags, tmp_path / "killed.log"))
-        killed_log = _wait_stopped_then_kill(procs[1], tmp_path / "killed.log", deadline)
-        _finish(procs[0], tmp_path / "whole.log", deadline)
-    finally:
-        _reap(procs)
-    assert f"Epoch {KILL_EPOCH + 1}/{EPOCHS}" in killed_log and FROZEN in killed_log
-    # Killed mid-epoch: the backup holds the epochs before, complete and consistent.
-    backup = tmp_path / "killed" / "backup"
-    state = json.loads((backup / "training_metadata.json").read_text())
-    assert state["epoch"] == KILL_EPOCH
-    assert sorted(p.name for p in backup.glob("*.weights.h5")) == [state["weights"]]
-    assert not (tmp_path / "killed" / "run" / "report.json").exists()
+        killed_log = _kill_when_stopped(procs[1], tmp_path / "killed.log", deadline)
+        assert f"Epoch {KILL_EPOCH + 1}/{EPOCHS}" in killed_log and FROZEN in killed_log
+        # Killed mid-epoch: the backup holds the epochs before, complete and consistent.
+        backup = tmp_path / "killed" / "backup"
+        state = json.loads((backup / "training_metadata.json").read_text())
+        assert state["epoch"] == KILL_EPOCH
+        assert sorted(p.name for p in backup.glob("*.weights.h5")) == [state["weights"]]
+        assert not (tmp_path / "killed" / "run" / "report.json").exists()
 
-    # The same command again.
-    procs = [_start(APP, flags, tmp_path / "resumed.log")]
-    try:
-        resumed_log = _finish(procs[0], tmp_path / "resumed.log", time.monotonic() + TIMEOUT)
+        # The same command again, at once: the reference may still be finishing beside it.
+        procs.append(_start(APP, flags, tmp_path / "resumed.log"))
+        _finish(procs[0], tmp_path / "whole.log", deadline)
+        resumed_log = _finish(procs[2], tmp_path / "resumed.log", time.monotonic() + TIMEOUT)
     finally:
-        _reap(procs)
+        reap(procs)
     # Only the unfinished epochs ran, the merge of epoch 2 re-applied first.
     assert "SelectiveSharing: resumed with the groups of epoch 2" in resumed_log, resumed_log[-4000:]
     epochs_run = [n for n in range(1, EPOCHS + 1) if f"Epoch {n}/{EPOCHS}" in resumed_log]
@@ -213,9 +190,9 @@ def test_kill_9_while_the_backup_is_saved_resumes_from_a_consistent_state(tmp_pa
         proc = subprocess.Popen([sys.executable, __file__, "--backup-child", str(backup)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     try:
-        _wait_stopped_then_kill(proc, tmp_path / "child.log", time.monotonic() + TIMEOUT, "the save of epoch 2")
+        _kill_when_stopped(proc, tmp_path / "child.log", time.monotonic() + TIMEOUT, "the save of epoch 2")
     finally:
-        _reap([proc])
+        reap([proc])
     # Killed with epoch 2's weights written but not committed: the state is still epoch 1's.
     assert (backup / "epoch-000002.weights.h5").exists()
     assert resume_epoch(backup) == 1

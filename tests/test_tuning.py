@@ -18,6 +18,7 @@ from mtl_keras.tuning import (
     check_saved_model,
     make_tuner,
     plot_objective,
+    search,
     trials_table,
     trials_text_table,
 )
@@ -135,6 +136,21 @@ def test_search_resume_and_best_model_routes_as_trained(tmp_path):
     table = trials_text_table(rows).splitlines()
     assert table[0].split() == ["trial", "sigma", "width", "learning", "rate", OBJECTIVE_NAME]
     assert len(table) == 2 + len(rows) and rows[0]["trial_id"] in table[2]
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_a_search_whose_trials_all_fail_raises_the_trials_own_error(tmp_path, stop_after):
+    """KerasTuner stops a search after `stop_after` failed trials in a row with its own RuntimeError,
+    and ends a shorter one quietly with nothing scored. Either way the caller gets the trial's error."""
+    from mtl_keras.callbacks import NonFiniteLossError
+
+    lr_blows_up = SigmaHyperModel(random_mask_backbone, TASKS, widths=(4,), learning_rate=1e30, head_units=(4,))
+    tuner = make_tuner("random", lr_blows_up, tmp_path / "tuner", max_trials=1, seed=1,
+                       max_consecutive_failed_trials=stop_after)
+    with pytest.raises(NonFiniteLossError, match=r"went NaN or infinite in epoch 1") as caught:
+        search(tuner, data(), validation_data=data(24, seed=1), epochs=1, verbose=0)
+    assert [r["score"] for r in trials_table(tuner)] == [None]
+    assert isinstance(caught.value.__cause__, RuntimeError) == (stop_after == 1)
 
 
 def test_saved_model_check_sees_other_masks_and_outputs(tmp_path, monkeypatch):

@@ -104,6 +104,27 @@ class BenchmarkSettings:
     sharing_only: bool = False
     quick: bool = False
 
+    def __post_init__(self):
+        # Refused here, in a second: a task count or step count of 0 would
+        # otherwise run minutes of cases that measure nothing.
+        counts = {"num_tasks": self.num_tasks, "sharing_tasks": self.sharing_tasks or [],
+                  "variant_tasks": [self.variant_tasks], "classes": [self.classes], "k": [self.k],
+                  "steps": [self.steps]}
+        for name, values in counts.items():
+            if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
+                raise ValueError(f"{name} ({_flag(name)}) must be whole numbers >= 1, got {values}.")
+        if not (isinstance(self.warmup, (int, np.integer)) and self.warmup >= 0):
+            raise ValueError(f"warmup (--warmup) must be a whole number >= 0, got {self.warmup!r}.")
+        for name in ("time_budget", "timeout", "memory_limit_mib"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} ({_flag(name)}) must be > 0, got {value!r}.")
+
+
+def _flag(setting):
+    """The `apps/benchmark.py` flag that sets `setting`."""
+    return "-k" if setting == "k" else "--" + setting.replace("_", "-")
+
 
 def default_memory_limit_mib():
     """8 GiB or half the available memory, the smaller: a case past it is killed before the machine swaps."""

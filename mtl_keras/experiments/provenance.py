@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from mtl_keras.reporting import ensure_writable_dir
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 # Another process that used more than this share of one core during the run
@@ -59,14 +61,17 @@ def command_line(argv=None, program=None):
     return shlex.join(["python", str(program)] + [str(a) for a in args])
 
 
-def run_directory(kind, output=None, root=None):
-    """The run folder: `output` if given, else `<root>/<kind>/<timestamp>` (root: `runs/` of the checkout)."""
-    if output is None:
+def run_directory(kind, output=None, root=None, flag="--output"):
+    """The run folder, created and checked writable (`ensure_writable_dir`), before any work is done.
+
+    `output` if given (by the command-line flag `flag`, named in the error),
+    else `<root>/<kind>/<timestamp>` (root: `runs/` of the checkout).
+    """
+    given = output is not None
+    if not given:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         output = Path(root or PACKAGE_ROOT / "runs") / kind / stamp
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    return ensure_writable_dir(output, flag if given else None)
 
 
 def _process_stats():
