@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--real-sets", default=",".join(SETS), help="comma-separated, of: " + ", ".join(SETS))
     p.add_argument("--real-noise", default="0.1,0.2", help="label flip probabilities, comma-separated")
     p.add_argument("--real-seeds", type=int, default=5)
+    p.add_argument("--real-first-seed", type=int, default=0)
     p.add_argument("--characters", type=int, default=40, help="Omniglot characters the rules label")
     p.add_argument("--image-size", type=int, default=20)
     p.add_argument("--archives", default="full", help="Omniglot archives: full or small")
@@ -134,16 +135,19 @@ def run_real_sets(args, output, log):
                                   data_dir=args.omniglot_dir, seed=0)
     train = arrays.drawers <= 15
     training = {**TRAINING, "epochs": args.epochs}
+    seeds = list(range(args.real_first_seed, args.real_first_seed + args.real_seeds))
     real = {"setting": {"archives": args.archives, "characters": int(arrays.characters.max() + 1),
                         "images": len(arrays.images), "image_size": args.image_size,
                         "train": "drawers 1-15", "accuracy_on": "drawers 16-20, against the clean rule",
-                        "seeds": list(range(args.real_seeds)), "training": training,
+                        "seeds": seeds, "training": training,
                         "sets": {k: SETS[k] for k in args.real_sets.split(",")}},
             "results": {}}
     for name in args.real_sets.split(","):
         for noise in [float(v) for v in args.real_noise.split(",")]:
-            runs = [run_real(arrays.images, arrays.characters, train, name, noise, seed, training, log=log)
-                    for seed in range(args.real_seeds)]
+            evidence = output / "evidence"
+            evidence.mkdir(exist_ok=True)
+            runs = [run_real(arrays.images, arrays.characters, train, name, noise, seed, training, log=log,
+                             save_dir=evidence) for seed in seeds]
             real["results"][f"{name}@{noise}"] = {**summarise_real(runs), "runs": runs}
             write_json(output / "grouping_real_partial.json", real)
     return real

@@ -79,3 +79,14 @@ def test_prediction_evidence_units_average_their_tasks():
     assert a.shape == (2, 2) and a[0, 1] == pytest.approx(tasks[[0, 1], 2].mean())
     rng = np.random.default_rng(0)
     assert evidence.affinity(permute=rng)[0, 1] < 0.1  # the null breaks the relation
+
+
+def test_selective_sharing_signal_auto_and_probe_required():
+    from mtl_keras.sharing import SelectiveSharing
+
+    assert SelectiveSharing(verbose=0).signal == "gram"
+    assert SelectiveSharing(probe=np.zeros((4, 2)), verbose=0).signal == "predictions"
+    with pytest.raises(ValueError, match="probe"):
+        SelectiveSharing(signal="predictions")
+    with pytest.raises(ValueError, match="min_affinity"):
+        SelectiveSharing(probe=np.zeros((4, 2)), min_affinity=1.5)

@@ -42,7 +42,7 @@ def _small_trunk(seed):
     return keras.Model({"image": image}, h, name="small_trunk")
 
 
-def _fit_with_sharing(arrays, family_sizes, seed=0):
+def _fit_with_sharing(arrays, family_sizes, seed=0, log_dir=None):
     planted = planted_label_families(arrays.characters, family_sizes, noise=0.1, seed=seed)
     train = arrays.drawers <= 15
     x, y = arrays.images[train], planted.y[train]
@@ -51,14 +51,15 @@ def _fit_with_sharing(arrays, family_sizes, seed=0):
     backbone = _small_trunk(seed)
     model = MultiTaskModel(backbone, planted.tasks, head_units=(32,), tasks_per_step=n, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
-    sharing = SelectiveSharing(signal="predictions", probe=x[:256], start_epoch=EPOCHS, verbose=0)
+    sharing = SelectiveSharing(signal="predictions", probe=x[:256], start_epoch=EPOCHS, verbose=0,
+                               log_dir=log_dir)
     data = tf.data.Dataset.from_tensor_slices(({"image": x}, y)).shuffle(len(x), seed=seed).batch(16)
     history = model.fit(data, epochs=EPOCHS, callbacks=[sharing], verbose=0)
     return planted, model, sharing, history
 
 
-def test_planted_real_image_families_are_merged_by_family(arrays):
-    planted, model, sharing, history = _fit_with_sharing(arrays, [2, 2])
+def test_planted_real_image_families_are_merged_by_family(arrays, tmp_path):
+    planted, model, sharing, history = _fit_with_sharing(arrays, [2, 2], log_dir=str(tmp_path))
     groups = sorted(model.task_groups.values())
     ari = adjusted_rand_score(planted.families, groups_to_labels(groups, len(planted.families)))
     assert ari == 1.0, (groups, planted.families, sharing.history[-1]["gate"])
@@ -67,6 +68,8 @@ def test_planted_real_image_families_are_merged_by_family(arrays):
     assert all(c["passed"] and c["stability"] >= 0.9 and c["within"] > c["between"] for c in record["gate"])
     assert history.history["sharing/gate_passed"][-1] == 2.0
     assert model.head_parameter_count() < record["head_parameters_before"]
+    assert list((tmp_path / "sharing").glob("events.out.tfevents.*"))  # the gate's table and the heatmap
+    assert sharing.report()["settings"]["min_affinity"] == 0.5
 
 
 def test_null_real_image_tasks_merge_nothing(arrays):

@@ -132,7 +132,7 @@ def _merged_fraction(groups, n):
     return sum(len(g) for g in groups if len(g) > 1) / n
 
 
-def run_real(images, classes, train, set_name, noise, seed, training=None, log=None):
+def run_real(images, classes, train, set_name, noise, seed, training=None, log=None, save_dir=None):
     """One (set, noise, seed): trains a model, scores every signal.
 
     Args:
@@ -143,6 +143,9 @@ def run_real(images, classes, train, set_name, noise, seed, training=None, log=N
         noise: label flip probability of every task.
         seed: seeds the planted labels, the model and the groupings.
         training: overrides of `TRAINING`.
+        save_dir: if given, the probe logits, probe labels and families are
+            saved there (`<set>_<noise>_seed<seed>.npz`) so other groupings
+            can be tried on the same evidence without training again.
 
     Returns:
         `{"families", "accuracy", "train_accuracy", "seconds", signal: {"ari", "merged_fraction"[, "gate"]}}`.
@@ -190,6 +193,9 @@ def run_real(images, classes, train, set_name, noise, seed, training=None, log=N
     probe_rows = np.random.default_rng(seed).permutation(len(x_train))[: cfg["probe"]]
     probe_x, probe_y = x_train[probe_rows], y_train[probe_rows]
     logits = head_logits(model, probe_x)
+    if save_dir is not None:
+        np.savez_compressed(f"{save_dir}/{set_name}_{noise}_seed{seed}.npz", logits=logits, labels=probe_y,
+                            families=families)
     evidence = PredictionEvidence(logits)
     for a in MIN_AFFINITIES:
         result = gated_grouping(evidence, threshold=a, seed=seed)

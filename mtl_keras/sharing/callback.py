@@ -112,8 +112,11 @@ class SelectiveSharing(keras.callbacks.Callback):
         threshold: the rule's distance threshold (see `grouping`).
         max_group_size: most tasks sharing one estimator (None: no limit).
         signal: `"gram"` or `"flat"` estimator-gradient features (the
-            authors' pipeline), or `"predictions"` (heads' predictions on
-            `probe`, through the gate; see above).
+            authors' pipeline), `"predictions"` (heads' predictions on
+            `probe`, through the gate; see above), or `"auto"` (default):
+            `"predictions"` when a `probe` is given, else `"gram"`. On
+            real-image planted families the predictions signal recovers the
+            families where the gradient features do not (docs/GROUPING.md).
         factorizer: `"pca"`, `"svd"` or `"nmf"`.
         n_components: factors kept (int, or a fraction of variance).
         clusterer: `"kmeans"` or `"agglomerative"`.
@@ -158,7 +161,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         min_evidence=1.0,
         threshold=0.7,
         max_group_size=None,
-        signal="gram",
+        signal="auto",
         factorizer="pca",
         n_components=0.9,
         clusterer="kmeans",
@@ -194,6 +197,8 @@ class SelectiveSharing(keras.callbacks.Callback):
             raise ValueError(f"min_evidence must be >= 0; got {min_evidence!r}.")
         if max_group_size is not None and (not isinstance(max_group_size, (int, np.integer)) or max_group_size < 2):
             raise ValueError(f"max_group_size must be None or an int >= 2; got {max_group_size!r}.")
+        if signal == "auto":
+            signal = "gram" if probe is None else "predictions"
         for name, value, options in (("signal", signal, ALL_SIGNALS), ("factorizer", factorizer, FACTORIZERS),
                                      ("clusterer", clusterer, CLUSTERERS), ("keep", keep, KEEP)):
             if value not in options:
