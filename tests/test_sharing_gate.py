@@ -90,3 +90,19 @@ def test_selective_sharing_signal_auto_and_probe_required():
         SelectiveSharing(signal="predictions")
     with pytest.raises(ValueError, match="min_affinity"):
         SelectiveSharing(probe=np.zeros((4, 2)), min_affinity=1.5)
+
+
+def test_silhouette_proposal_adapts_its_cut_and_keeps_chance_clusters_out():
+    # Families whose heads agree only moderately (CKA about 0.4): a fixed
+    # threshold of 0.5 proposes nothing; the best-silhouette clusters find them.
+    families = [0, 1, 0, 2, 1, 0, 2, 1, 2]
+    evidence = PredictionEvidence(_family_logits(families, spread=0.9, rows=2000, seed=6))
+    within = evidence.affinity()[0, 2]
+    assert 0.25 < within < 0.5
+    assert gated_grouping(evidence, threshold=0.5, seed=0).groups == [[i] for i in range(9)]
+    assert gated_grouping(evidence, threshold=0.2, proposal="silhouette", seed=0).groups == [
+        [0, 2, 5], [1, 4, 7], [3, 6, 8]]
+    noise = PredictionEvidence(np.random.default_rng(7).standard_normal((300, 9, 1)))
+    assert gated_grouping(noise, threshold=0.2, proposal="silhouette", seed=0).groups == [[i] for i in range(9)]
+    with pytest.raises(ValueError, match="proposal"):
+        gated_grouping(noise, proposal="nearest")

@@ -80,7 +80,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtl_keras.sharing.gate import PredictionEvidence, gated_grouping
+from mtl_keras.sharing.gate import PROPOSALS, PredictionEvidence, gated_grouping
 from mtl_keras.sharing.gradients import GradientCollector
 from mtl_keras.sharing.grouping import CLUSTERERS, FACTORIZERS, SIGNALS, get_rule, group_units
 from mtl_keras.sharing.predictions import head_logits
@@ -132,6 +132,10 @@ class SelectiveSharing(keras.callbacks.Callback):
             ignored). A few hundred examples, ideally not trained on.
         min_affinity: for `"predictions"`: the least mean CKA for tasks to
             group (0.5: their heads share at least half their variance).
+        proposal: how `"predictions"` proposes groups before the gate:
+            `"threshold"` (average linkage down to `min_affinity`) or
+            `"silhouette"` (best-silhouette clusters, `min_affinity` a floor);
+            see `gate.gated_grouping`.
         bootstrap, min_stability, null_permutations: the gate's resamples,
             least stability, and permutations of the null (see `gate`).
         seed: random state of factorization, clustering and the gate.
@@ -173,6 +177,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         backup_dir=None,
         probe=None,
         min_affinity=0.5,
+        proposal="threshold",
         bootstrap=50,
         min_stability=0.9,
         null_permutations=20,
@@ -212,6 +217,9 @@ class SelectiveSharing(keras.callbacks.Callback):
             raise ValueError(f"min_affinity is a CKA in [0, 1]; got {min_affinity!r}.")
         self.probe = probe
         self.min_affinity = float(min_affinity)
+        if proposal not in PROPOSALS:
+            raise ValueError(f"Unknown proposal {proposal!r}; use one of {sorted(PROPOSALS)}.")
+        self.proposal = proposal
         self.bootstrap = int(bootstrap)
         self.min_stability = float(min_stability)
         self.null_permutations = int(null_permutations)
@@ -461,7 +469,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         result = gated_grouping(
             evidence, threshold=self.min_affinity, bootstrap=self.bootstrap, min_stability=self.min_stability,
             null_permutations=self.null_permutations, sizes=[len(ts) for ts in unit_tasks],
-            max_group_size=self.max_group_size, seed=self.seed,
+            max_group_size=self.max_group_size, seed=self.seed, proposal=self.proposal,
         )
         # For keep="central": the unit least related to the rest of its group is the farthest.
         a = result.affinity
@@ -549,7 +557,7 @@ class SelectiveSharing(keras.callbacks.Callback):
                 "max_group_size": self.max_group_size, "signal": self.signal,
                 "factorizer": self.factorizer, "n_components": self.n_components,
                 "clusterer": self.clusterer, "n_clusters": self.n_clusters, "keep": self.keep,
-                "min_affinity": self.min_affinity, "bootstrap": self.bootstrap,
+                "min_affinity": self.min_affinity, "proposal": self.proposal, "bootstrap": self.bootstrap,
                 "min_stability": self.min_stability, "null_permutations": self.null_permutations,
             },
             "checks": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history],

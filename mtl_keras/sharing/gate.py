@@ -124,8 +124,48 @@ def _together(partition, members):
     return all(m in first for m in members)
 
 
+def silhouette_groups(affinity, threshold, sizes=None, max_group_size=None):
+    """Average-linkage clusters of `1 - affinity`, their number by best silhouette; clusters whose
+    mean pairwise affinity is below `threshold` (a floor) are split into singletons.
+
+    A relative proposal: the cut adapts to how similar the heads of one family
+    are (lower with noisier labels), the floor keeps chance clusters out.
+    `max_group_size` splits larger clusters by `affinity_groups` at the floor.
+    """
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import silhouette_score
+
+    a = np.asarray(affinity, dtype=np.float64)
+    n = len(a)
+    if n < 3:
+        return affinity_groups(a, threshold, sizes, max_group_size)
+    distance = np.clip(1.0 - (a + a.T) / 2, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
+    best = None
+    for k in range(2, n):
+        labels = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(distance)
+        score = silhouette_score(distance, labels, metric="precomputed")
+        if best is None or score > best[0]:
+            best = (score, labels)
+    groups = []
+    for c in np.unique(best[1]):
+        members = np.flatnonzero(best[1] == c).tolist()
+        within = a[np.ix_(members, members)][~np.eye(len(members), dtype=bool)].mean() if len(members) > 1 else 1.0
+        if len(members) > 1 and within >= threshold:
+            sub = a[np.ix_(members, members)]
+            sub_sizes = None if sizes is None else np.asarray(sizes)[members]
+            groups += [[members[i] for i in g] for g in affinity_groups(sub, threshold, sub_sizes, max_group_size)] \
+                if max_group_size else [members]
+        else:
+            groups += [[m] for m in members]
+    return sorted(sorted(g) for g in groups)
+
+
+PROPOSALS = {"threshold": affinity_groups, "silhouette": silhouette_groups}
+
+
 def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, null_permutations=20,
-                   null_quantile=0.95, sizes=None, max_group_size=None, seed=0):
+                   null_quantile=0.95, sizes=None, max_group_size=None, seed=0, proposal="threshold"):
     """Proposes groups from the evidence's affinity and keeps those that pass the gate.
 
     Args:
@@ -141,16 +181,23 @@ def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, nul
         null_quantile: quantile of the null's largest affinity to beat.
         sizes, max_group_size: see `affinity_groups`.
         seed: random state of resampling and permutations.
+        proposal: `"threshold"` (`affinity_groups`: merge while the mean
+            affinity is at least `threshold`) or `"silhouette"`
+            (`silhouette_groups`: the best-silhouette clustering, `threshold`
+            as a floor).
 
     Returns:
         A `GatedGrouping`.
     """
+    if proposal not in PROPOSALS:
+        raise ValueError(f"Unknown proposal {proposal!r}; use one of {sorted(PROPOSALS)}.")
+    propose = PROPOSALS[proposal]
     if not 0.0 <= min_stability <= 1.0:
         raise ValueError(f"min_stability must be in [0, 1]; got {min_stability!r}.")
     rng = np.random.default_rng(seed)
     affinity = np.asarray(evidence.affinity(), dtype=np.float64)
     n = len(affinity)
-    proposed = affinity_groups(affinity, threshold, sizes, max_group_size)
+    proposed = propose(affinity, threshold, sizes, max_group_size)
     off = ~np.eye(n, dtype=bool)
     null_max = [float(evidence.affinity(permute=rng)[off].max()) for _ in range(null_permutations)] if n > 1 else []
     null_threshold = float(np.quantile(null_max, null_quantile)) if null_max else 0.0
@@ -159,7 +206,7 @@ def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, nul
     if multi and bootstrap:
         for _ in range(bootstrap):
             rows = rng.integers(0, evidence.num_rows, evidence.num_rows)
-            resampled.append(affinity_groups(evidence.affinity(rows=rows), threshold, sizes, max_group_size))
+            resampled.append(propose(evidence.affinity(rows=rows), threshold, sizes, max_group_size))
     checks, groups = [], []
     for g in proposed:
         if len(g) < 2:
