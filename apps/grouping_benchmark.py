@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--archives", default="full", help="Omniglot archives: full or small")
     p.add_argument("--omniglot-dir", default=None, help="folder of the Omniglot zips (default: search)")
     p.add_argument("--epochs", type=int, default=TRAINING["epochs"], help="epochs of each real-image run")
+    p.add_argument("--regroup", nargs="+", default=None, metavar="EVIDENCE_DIR",
+                   help="only re-run the gate's variants on saved evidence folders (OUTPUT/evidence of --real runs); "
+                        "writes OUTPUT/regroup.json")
     return p.parse_args(argv)
 
 
@@ -84,6 +87,8 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     output = run_directory("grouping", args.output)
+    if args.regroup:
+        return regroup(args, argv, output, started)
     defaults = SelectiveSharing(verbose=0)
     setting = {key: getattr(args, key) for key in SETTING}
     seeds = list(range(3 if args.quick else args.seeds))
@@ -151,6 +156,25 @@ def run_real_sets(args, output, log):
             real["results"][f"{name}@{noise}"] = {**summarise_real(runs), "runs": runs}
             write_json(output / "grouping_real_partial.json", real)
     return real
+
+
+def regroup(args, argv, output, started):
+    """The gate's variants on saved evidence: `OUTPUT/regroup.json` and a table."""
+    import pathlib
+
+    from mtl_keras.experiments.grouping_real import regroup_saved
+
+    with RunProvenance(argv, __file__) as provenance:
+        paths = [p for folder in args.regroup for p in sorted(pathlib.Path(folder).glob("*.npz"))]
+        results = regroup_saved(paths)
+    report = {"app": "grouping_benchmark", "regroup": results, "evidence": args.regroup,
+              "wall_time_seconds": round(time.time() - started, 1), "provenance": provenance.record}
+    write_json(output / "regroup.json", report)
+    names = [n for n in next(iter(results.values())) if n != "seeds"]
+    rows = [[k, r["seeds"]] + [f"{r[n]['ari_mean']:.3f} / {r[n]['merged_fraction_mean']:.3f}" for n in names]
+            for k, r in results.items()]
+    print(text_table(rows, ["set@noise", "seeds"] + [f"{n} ARI / merged" for n in names]))
+    return report
 
 
 def real_table(results):

@@ -69,7 +69,7 @@ def test_planted_real_image_families_are_merged_by_family(arrays, tmp_path):
     assert history.history["sharing/gate_passed"][-1] == 2.0
     assert model.head_parameter_count() < record["head_parameters_before"]
     assert list((tmp_path / "sharing").glob("events.out.tfevents.*"))  # the gate's table and the heatmap
-    assert sharing.report()["settings"]["min_affinity"] == 0.5
+    assert sharing.report()["settings"]["min_affinity"] == 0.3
 
 
 def test_null_real_image_tasks_merge_nothing(arrays):

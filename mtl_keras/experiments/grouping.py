@@ -139,7 +139,7 @@ def run_setting(setting, seeds, defaults):
         result = evaluate(sums, layout, families, seed, defaults)
         gated = gated_grouping(PredictionEvidence(logits[0]), threshold=defaults.min_affinity,
                                bootstrap=defaults.bootstrap, min_stability=defaults.min_stability,
-                               null_permutations=defaults.null_permutations, seed=seed)
+                               null_permutations=defaults.null_permutations, proposal=defaults.proposal, seed=seed)
         merged = [m for m in gated.groups if len(m) > 1]
         result[PREDICTIONS] = {
             "ari": float(adjusted_rand_score(families, groups_to_labels(gated.groups, len(families)))),

@@ -221,6 +221,44 @@ def run_real(images, classes, train, set_name, noise, seed, training=None, log=N
     return out
 
 
+GATE_VARIANTS = (("threshold", 0.5), ("threshold", 0.7), ("silhouette", 0.3), ("silhouette", 0.4),
+                 ("silhouette", 0.5))
+
+
+def regroup_saved(paths, variants=GATE_VARIANTS, seed=0):
+    """Other gate settings on saved probe evidence (`run_real(save_dir=...)`), without training again.
+
+    Args:
+        paths: `.npz` files written by `run_real`.
+        variants: `(proposal, min_affinity)` pairs for `gated_grouping`.
+        seed: the gate's random state.
+
+    Returns:
+        `{"<set>@<noise>": {"<proposal>@<a>": {"ari_mean", "merged_fraction_mean", "ari_per_seed"}, "seeds"}}`.
+    """
+    per_key = {}
+    for path in sorted(str(p) for p in paths):
+        saved = np.load(path)
+        families = saved["families"]
+        name = path.rsplit("/", 1)[-1].rsplit("_seed", 1)[0]
+        set_name, noise = name.rsplit("_", 1)
+        evidence = PredictionEvidence(saved["logits"])
+        row = {}
+        for proposal, a in variants:
+            groups = gated_grouping(evidence, threshold=a, proposal=proposal, seed=seed).groups
+            row[f"{proposal}@{a}"] = (float(adjusted_rand_score(families, groups_to_labels(groups, len(families)))),
+                                      _merged_fraction(groups, len(families)))
+        per_key.setdefault(f"{set_name}@{noise}", []).append(row)
+    out = {}
+    for key, rows in per_key.items():
+        out[key] = {"seeds": len(rows)}
+        for name in rows[0]:
+            out[key][name] = {"ari_mean": float(np.mean([r[name][0] for r in rows])),
+                              "merged_fraction_mean": float(np.mean([r[name][1] for r in rows])),
+                              "ari_per_seed": [round(r[name][0], 3) for r in rows]}
+    return out
+
+
 def _cosine(rows):
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
     return np.clip(rows @ rows.T, -1.0, 1.0)

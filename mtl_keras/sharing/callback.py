@@ -59,8 +59,9 @@ logits on the `probe` inputs (`predictions.head_logits`) and compares tasks
 by linear CKA of their centred logits (`predictions.prediction_affinity`): tasks
 that share one labelling rule and differ by independent label noise get
 nearly the same predictions, while their gradients are dominated by each
-task's own mislabelled examples. Groups are proposed by average linkage at
-`min_affinity` and merged only if they pass the gate (`gate.gated_grouping`):
+task's own mislabelled examples. Groups are proposed (`proposal`: the
+best-silhouette clusters above the floor `min_affinity`, or average linkage
+down to it) and merged only if they pass the gate (`gate.gated_grouping`):
 above a permutation null, stable over `bootstrap` resamples of the probe
 (`min_stability`), and more related inside than to any other group. The
 gate's figures for every proposed group go to `history` (`"gate"`), to the
@@ -131,11 +132,14 @@ class SelectiveSharing(keras.callbacks.Callback):
             on (an image array, or a dict with `"image"`; a `"task"` key is
             ignored). A few hundred examples, ideally not trained on.
         min_affinity: for `"predictions"`: the least mean CKA for tasks to
-            group (0.5: their heads share at least half their variance).
+            group (with `proposal="threshold"` the cut, with `"silhouette"`
+            a floor; 0.3 keeps out the chance agreement of unrelated rules,
+            at most about 0.3 on the null sets of docs/GROUPING.md).
         proposal: how `"predictions"` proposes groups before the gate:
-            `"threshold"` (average linkage down to `min_affinity`) or
-            `"silhouette"` (best-silhouette clusters, `min_affinity` a floor);
-            see `gate.gated_grouping`.
+            `"silhouette"` (default: best-silhouette clusters, `min_affinity`
+            a floor; the cut adapts to how alike one family's heads are, which
+            drops with label noise) or `"threshold"` (average linkage down to
+            `min_affinity`); see `gate.gated_grouping`.
         bootstrap, min_stability, null_permutations: the gate's resamples,
             least stability, and permutations of the null (see `gate`).
         seed: random state of factorization, clustering and the gate.
@@ -176,8 +180,8 @@ class SelectiveSharing(keras.callbacks.Callback):
         plot_dir=None,
         backup_dir=None,
         probe=None,
-        min_affinity=0.5,
-        proposal="threshold",
+        min_affinity=0.3,
+        proposal="silhouette",
         bootstrap=50,
         min_stability=0.9,
         null_permutations=20,
