@@ -106,3 +106,17 @@ def test_silhouette_proposal_adapts_its_cut_and_keeps_chance_clusters_out():
     assert gated_grouping(noise, threshold=0.2, proposal="silhouette", seed=0).groups == [[i] for i in range(9)]
     with pytest.raises(ValueError, match="proposal"):
         gated_grouping(noise, proposal="nearest")
+
+
+def test_regroup_saved_scores_every_variant_on_saved_evidence(tmp_path):
+    from mtl_keras.experiments.grouping_real import regroup_saved
+
+    families = np.array([0, 1, 0, 1, 2])
+    for seed in (0, 1):
+        np.savez_compressed(tmp_path / f"fam_0.1_seed{seed}.npz", logits=_family_logits(families.tolist(), seed=seed),
+                            labels=np.zeros((400, 5)), families=families)
+    out = regroup_saved(sorted(tmp_path.glob("*.npz")), variants=(("threshold", 0.5), ("silhouette", 0.3)))
+    assert list(out) == ["fam@0.1"] and out["fam@0.1"]["seeds"] == 2
+    for name in ("threshold@0.5", "silhouette@0.3"):
+        assert out["fam@0.1"][name]["ari_per_seed"] == [1.0, 1.0]
+        assert out["fam@0.1"][name]["merged_fraction_mean"] == 0.8
