@@ -12,11 +12,12 @@ def test_grouping_benchmark_app_writes_results_with_provenance(tmp_path):
     report = grouping_benchmark.main(argv)
     on_disk = json.loads((out / "grouping.json").read_text())
     assert on_disk == json.loads(json.dumps(report, default=lambda v: v.tolist()))
-    assert set(on_disk) == {"app", "setting", "grouping_settings", "rules", "sweeps", "wall_time_seconds",
+    assert set(on_disk) == {"app", "setting", "grouping_settings", "rules", "sweeps", "real", "wall_time_seconds",
                             "provenance"}
     assert on_disk["setting"]["seeds"] == [0, 1] and on_disk["setting"]["families"] == 2
     assert on_disk["setting"]["model"] == "dense trunk (64, 64), head_units (16,)"
-    assert set(on_disk["rules"]) == {"similarity", "variance", "cosine_agglomerative", "random"}
+    assert set(on_disk["rules"]) == {"similarity", "variance", "predictions+gate", "cosine_agglomerative", "random"}
+    assert on_disk["real"] == {}
     assert all(len(r["ari_per_seed"]) == 2 for r in on_disk["rules"].values())
     assert on_disk["sweeps"] == {}
     assert on_disk["grouping_settings"]["threshold"] == 0.7

@@ -75,8 +75,8 @@ def test_run_sweeps_one_point_per_value_and_a_null_problem(defaults, monkeypatch
     for point in sweeps["noise"]:
         assert set(point) == {"value", "similarity", "cosine_agglomerative", "random", "merged_fraction"}
         assert point["merged_fraction"] == point["similarity"]["merged_fraction_mean"]
-    assert [p["value"] for p in sweeps["null"]] == [3] and set(sweeps["null"][0]) == {"value", "similarity",
-                                                                                          "merged_fraction"}
+    assert [p["value"] for p in sweeps["null"]] == [3] and set(sweeps["null"][0]) == {
+        "value", "similarity", grouping.PREDICTIONS, "merged_fraction"}
     assert len(lines) == 3 and "sweep noise=0.1" in lines[0] and "3 unrelated tasks" in lines[2]
 
 

@@ -27,6 +27,8 @@ from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from mtl_keras.plots import pyplot
+from mtl_keras.sharing.gate import PredictionEvidence, gated_grouping
+from mtl_keras.sharing.predictions import head_logits
 from mtl_keras.sharing import (
     GradientCollector,
     affinity_matrix,
@@ -37,6 +39,9 @@ from mtl_keras.sharing import (
 )
 
 RULES = ("similarity", "variance")
+# The predictions signal through the merge gate, at the callback's defaults.
+PREDICTIONS = "predictions+gate"
+PROBE = 512
 BASELINES = ("cosine_agglomerative", "random")
 
 # The benchmark's default problem: five families of four tasks, noise at half
@@ -49,8 +54,12 @@ GROUPING_SETTINGS = ("signal", "factorizer", "n_components", "clusterer", "n_clu
                      "max_group_size")
 
 
-def collect(setting, seed):
-    """Trains one evidence window on a planted problem; returns `(gradient sums, layout, families)`."""
+def collect(setting, seed, probe_logits=None):
+    """Trains one evidence window on a planted problem; returns `(gradient sums, layout, families)`.
+
+    With a list as `probe_logits`, the trained heads' logits on the first
+    `PROBE` inputs are appended to it (for the predictions signal).
+    """
     keras.utils.set_random_seed(seed)
     problem = planted_families(
         num_families=setting["families"], family_size=setting["family_size"], noise=setting["noise"],
@@ -61,6 +70,8 @@ def collect(setting, seed):
     collector = GradientCollector(model).attach()
     model.fit(problem.dataset(setting["batch_size"], seed=seed), epochs=1, verbose=0)
     sums, _, _ = collector.read()
+    if probe_logits is not None:
+        probe_logits.append(head_logits(model, problem.x[:PROBE]))
     return sums, collector.layout, problem.families
 
 
@@ -123,21 +134,35 @@ def run_setting(setting, seeds, defaults):
     per_seed = []
     for seed in seeds:
         t0 = time.time()
-        sums, layout, families = collect(setting, seed)
+        logits = []
+        sums, layout, families = collect(setting, seed, probe_logits=logits)
         result = evaluate(sums, layout, families, seed, defaults)
+        gated = gated_grouping(PredictionEvidence(logits[0]), threshold=defaults.min_affinity,
+                               bootstrap=defaults.bootstrap, min_stability=defaults.min_stability,
+                               null_permutations=defaults.null_permutations, proposal=defaults.proposal, seed=seed)
+        merged = [m for m in gated.groups if len(m) > 1]
+        result[PREDICTIONS] = {
+            "ari": float(adjusted_rand_score(families, groups_to_labels(gated.groups, len(families)))),
+            "merged_fraction": sum(len(m) for m in merged) / len(families),
+            "cross_family_fraction": (
+                float(np.mean([len(set(families[m])) == len(m) for m in merged])) if merged else None),
+            "groups": gated.groups,
+        }
         result["seconds"] = time.time() - t0
         result["families"] = families
         per_seed.append(result)
     return per_seed
 
 
-def summarise(per_seed, names=RULES + BASELINES):
+def summarise(per_seed, names=None):
     """`{name: {"ari_mean", "ari_per_seed"[, "merged_fraction_mean", "cross_family_fraction_mean"]}}`."""
+    if names is None:
+        names = RULES + ((PREDICTIONS,) if PREDICTIONS in per_seed[0] else ()) + BASELINES
     rules = {}
     for name in names:
         aris = [r[name]["ari"] for r in per_seed]
         entry = {"ari_mean": float(np.mean(aris)), "ari_per_seed": [round(a, 4) for a in aris]}
-        if name in RULES:
+        if name in RULES + (PREDICTIONS,):
             entry["merged_fraction_mean"] = float(np.mean([r[name]["merged_fraction"] for r in per_seed]))
             cross = [r[name]["cross_family_fraction"] for r in per_seed if r[name]["cross_family_fraction"] is not None]
             entry["cross_family_fraction_mean"] = float(np.mean(cross)) if cross else None
@@ -175,10 +200,11 @@ def run_sweeps(setting, defaults, quick=False, log=print):
     for tasks in null_sizes:
         runs = run_setting({**setting, "families": tasks, "family_size": 1, "input_dim": max(tasks, 16)},
                            seeds, defaults)
-        point = {"value": tasks, **summarise(runs, ("similarity",))}
+        point = {"value": tasks, **summarise(runs, ("similarity", PREDICTIONS))}
         point["merged_fraction"] = point["similarity"]["merged_fraction_mean"]
         null.append(point)
-        log(f"  null problem, {tasks} unrelated tasks: share merged {point['merged_fraction']:.3f}")
+        log(f"  null problem, {tasks} unrelated tasks: share merged {point['merged_fraction']:.3f} (similarity), "
+            f"{point[PREDICTIONS]['merged_fraction_mean']:.3f} ({PREDICTIONS})")
     sweeps["null"] = null
     return sweeps
 

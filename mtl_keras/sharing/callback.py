@@ -53,6 +53,23 @@ and, at `on_train_begin`, re-applies the merges of the epochs the backup
 covers before the backup's weights are loaded into the (re-merged) model.
 The accumulated gradients are not saved: a resumed run restarts its window.
 
+**The predictions signal and the gate** (`signal="predictions"`, needs
+`probe`). Instead of estimator gradients, each check takes every head's
+logits on the `probe` inputs (`predictions.head_logits`) and compares tasks
+by linear CKA of their centred logits (`predictions.prediction_affinity`): tasks
+that share one labelling rule and differ by independent label noise get
+nearly the same predictions, while their gradients are dominated by each
+task's own mislabelled examples. Groups are proposed (`proposal`: the
+best-silhouette clusters above the floor `min_affinity`, or average linkage
+down to it) and merged only if they pass the gate (`gate.gated_grouping`):
+above a permutation null, stable over `bootstrap` resamples of the probe
+(`min_stability`), and more related inside than to any other group. The
+gate's figures for every proposed group go to `history` (`"gate"`), to the
+epoch logs (`sharing/gate_proposed`, `sharing/gate_passed`,
+`sharing/gate_min_stability`) and to TensorBoard (a table). No gradient is
+collected with this signal, and `window` plays no part: the evidence is the
+model as it is at the check.
+
 Put this callback before `TensorBoard`/`CSVLogger` in the list so that they
 see the `sharing/...` entries it adds to the epoch logs.
 """
@@ -64,8 +81,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtl_keras.sharing.gate import PROPOSALS, PredictionEvidence, gated_grouping
 from mtl_keras.sharing.gradients import GradientCollector
 from mtl_keras.sharing.grouping import CLUSTERERS, FACTORIZERS, SIGNALS, get_rule, group_units
+from mtl_keras.sharing.predictions import head_logits
+
+# "predictions" compares what the heads predict on a probe batch (see
+# `predictions.py`) and merges through the gate (`gate.py`); the others are
+# the authors' estimator-gradient pipeline (`grouping.py`).
+ALL_SIGNALS = SIGNALS + ("predictions",)
 
 KEEP = ("loss", "central", "first")
 STATE_FILE = "selective_sharing.json"
@@ -88,7 +112,12 @@ class SelectiveSharing(keras.callbacks.Callback):
             to take part.
         threshold: the rule's distance threshold (see `grouping`).
         max_group_size: most tasks sharing one estimator (None: no limit).
-        signal: `"gram"` or `"flat"` gradient features.
+        signal: `"gram"` or `"flat"` estimator-gradient features (the
+            authors' pipeline), `"predictions"` (heads' predictions on
+            `probe`, through the gate; see above), or `"auto"` (default):
+            `"predictions"` when a `probe` is given, else `"gram"`. On
+            real-image planted families the predictions signal recovers the
+            families where the gradient features do not (docs/GROUPING.md).
         factorizer: `"pca"`, `"svd"` or `"nmf"`.
         n_components: factors kept (int, or a fraction of variance).
         clusterer: `"kmeans"` or `"agglomerative"`.
@@ -99,7 +128,21 @@ class SelectiveSharing(keras.callbacks.Callback):
         log_dir: TensorBoard folder; summaries go to `log_dir/sharing`.
         plot_dir: folder for a heatmap PNG per check.
         backup_dir: folder shared with `BackupAndRestore` (see above).
-        seed: random state of factorization and clustering.
+        probe: for `signal="predictions"`: the inputs every head predicts
+            on (an image array, or a dict with `"image"`; a `"task"` key is
+            ignored). A few hundred examples, ideally not trained on.
+        min_affinity: for `"predictions"`: the least mean CKA for tasks to
+            group (with `proposal="threshold"` the cut, with `"silhouette"`
+            a floor; 0.3 keeps out the chance agreement of unrelated rules,
+            at most about 0.3 on the null sets of docs/GROUPING.md).
+        proposal: how `"predictions"` proposes groups before the gate:
+            `"silhouette"` (default: best-silhouette clusters, `min_affinity`
+            a floor; the cut adapts to how alike one family's heads are, which
+            drops with label noise) or `"threshold"` (average linkage down to
+            `min_affinity`); see `gate.gated_grouping`.
+        bootstrap, min_stability, null_permutations: the gate's resamples,
+            least stability, and permutations of the null (see `gate`).
+        seed: random state of factorization, clustering and the gate.
         verbose: 1 prints each merge.
 
     Attributes:
@@ -126,7 +169,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         min_evidence=1.0,
         threshold=0.7,
         max_group_size=None,
-        signal="gram",
+        signal="auto",
         factorizer="pca",
         n_components=0.9,
         clusterer="kmeans",
@@ -136,6 +179,12 @@ class SelectiveSharing(keras.callbacks.Callback):
         log_dir=None,
         plot_dir=None,
         backup_dir=None,
+        probe=None,
+        min_affinity=0.3,
+        proposal="silhouette",
+        bootstrap=50,
+        min_stability=0.9,
+        null_permutations=20,
         seed=0,
         verbose=1,
     ):
@@ -157,10 +206,27 @@ class SelectiveSharing(keras.callbacks.Callback):
             raise ValueError(f"min_evidence must be >= 0; got {min_evidence!r}.")
         if max_group_size is not None and (not isinstance(max_group_size, (int, np.integer)) or max_group_size < 2):
             raise ValueError(f"max_group_size must be None or an int >= 2; got {max_group_size!r}.")
-        for name, value, options in (("signal", signal, SIGNALS), ("factorizer", factorizer, FACTORIZERS),
+        if signal == "auto":
+            signal = "gram" if probe is None else "predictions"
+        for name, value, options in (("signal", signal, ALL_SIGNALS), ("factorizer", factorizer, FACTORIZERS),
                                      ("clusterer", clusterer, CLUSTERERS), ("keep", keep, KEEP)):
             if value not in options:
                 raise ValueError(f"Unknown {name} {value!r}; use one of {options}.")
+        if signal == "predictions" and probe is None:
+            raise ValueError(
+                "signal='predictions' compares the heads' predictions on a probe batch: pass "
+                "probe=<inputs> (e.g. a few hundred validation images)."
+            )
+        if not 0.0 <= min_affinity <= 1.0:
+            raise ValueError(f"min_affinity is a CKA in [0, 1]; got {min_affinity!r}.")
+        self.probe = probe
+        self.min_affinity = float(min_affinity)
+        if proposal not in PROPOSALS:
+            raise ValueError(f"Unknown proposal {proposal!r}; use one of {sorted(PROPOSALS)}.")
+        self.proposal = proposal
+        self.bootstrap = int(bootstrap)
+        self.min_stability = float(min_stability)
+        self.null_permutations = int(null_permutations)
         self.rule = rule
         self.start_epoch = int(start_epoch)
         self.every = int(every)
@@ -191,6 +257,10 @@ class SelectiveSharing(keras.callbacks.Callback):
     @property
     def rule_name(self):
         return self.rule if isinstance(self.rule, str) else getattr(self.rule, "__name__", "custom")
+
+    @property
+    def uses_gradients(self):
+        return self.signal in SIGNALS
 
     @property
     def merges(self):
@@ -228,7 +298,7 @@ class SelectiveSharing(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._restore_state()
         self._window_open = False
-        if self._next_check(1) is not None and self.collector is None:
+        if self._next_check(1) is not None and self.collector is None and self.uses_gradients:
             # The accumulators are created here, before the train step is
             # traced, never inside it.
             self.collector = GradientCollector(self.model)
@@ -259,7 +329,9 @@ class SelectiveSharing(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         n = epoch + 1
         logs = logs if logs is not None else {}
-        if self.is_check_epoch(n) and self.collector is not None and self._window_open:
+        if self.is_check_epoch(n) and not self.uses_gradients:
+            self._check_predictions(n, logs)
+        elif self.is_check_epoch(n) and self.collector is not None and self._window_open:
             self._check(n, logs)
             self._window_open = False
         model = self.model
@@ -278,7 +350,7 @@ class SelectiveSharing(keras.callbacks.Callback):
                     losses = [float(np.mean([logs[k] for k in ks])) for ks in keys]
                     return owners[units[int(np.argmin(losses))]]
         # "central", and "loss" without per-task losses in the logs.
-        distances = grouping.clusters.distances
+        distances = grouping.clusters.distances if hasattr(grouping, "clusters") else grouping.distances
         return owners[units[int(np.argmin([distances[rows.index(u)] for u in units]))]]
 
     def _check(self, n, logs):
@@ -366,6 +438,85 @@ class SelectiveSharing(keras.callbacks.Callback):
         self._write_summaries(n, record, grouping, unit_names, steps)
         self._save_state()
 
+    def _merge(self, groups, rows, owners, unit_tasks, logs, grouping):
+        """Merges each group of >= 2 units; returns `(kept, dropped, params_before, heads_before)`."""
+        model = self.model
+        names = list(model.tasks.names)
+        new_owner = {o: o for o in owners}
+        kept = {}
+        for group in groups:
+            units = [rows[i] for i in group]
+            if len(units) < 2:
+                continue
+            keeper = self._keeper(units, owners, unit_tasks, logs, grouping, rows)
+            for u in units:
+                new_owner[owners[u]] = keeper
+            kept[names[keeper]] = [names[t] for u in units for t in unit_tasks[u]]
+        estimator_of_task = [new_owner[o] for o in model.estimator_of_task]
+        params_before, heads_before = model.count_params(), model.head_parameter_count()
+        dropped = []
+        if estimator_of_task != list(model.estimator_of_task):
+            dropped = model.set_estimator_of_task(estimator_of_task)
+        return kept, dropped, params_before, heads_before
+
+    def _check_predictions(self, n, logs):
+        """A check on the heads' predictions on the probe, through the gate."""
+        model = self.model
+        names = list(model.tasks.names)
+        owners = model.estimator_owners
+        groups = model.task_groups
+        unit_tasks = [groups[o] for o in owners]
+        rows = list(range(len(owners)))
+        logits = head_logits(model, self.probe)
+        widths = [int(w) for w in model.table.num_outputs]
+        evidence = PredictionEvidence(logits, units=unit_tasks, widths=widths)
+        result = gated_grouping(
+            evidence, threshold=self.min_affinity, bootstrap=self.bootstrap, min_stability=self.min_stability,
+            null_permutations=self.null_permutations, sizes=[len(ts) for ts in unit_tasks],
+            max_group_size=self.max_group_size, seed=self.seed, proposal=self.proposal,
+        )
+        # For keep="central": the unit least related to the rest of its group is the farthest.
+        a = result.affinity
+        result.distances = np.array([
+            1.0 - (float(np.mean([a[i, j] for j in g if j != i])) if len(g) > 1 else 0.0)
+            for i in range(len(a)) for g in [next(g for g in result.groups if i in g)]
+        ])
+        kept, dropped, params_before, heads_before = self._merge(result.groups, rows, owners, unit_tasks, logs,
+                                                                 result)
+        unit_names = [names[o] for o in owners]
+        gate = [{**c.as_dict(), "group": [unit_names[u] for u in c.group]} for c in result.checks]
+        record = {
+            "epoch": n,
+            "rule": "predictions+gate",
+            "signal": "predictions",
+            "probe_rows": int(evidence.num_rows),
+            "units": [[names[t] for t in ts] for ts in unit_tasks],
+            "merged": bool(dropped),
+            "groups": [[names[t] for t in ts] for _, ts in sorted(model.task_groups.items())],
+            "proposed_groups": [[unit_names[u] for u in g] for g in result.proposed],
+            "gate": gate,
+            "null_threshold": round(result.null_threshold, 4),
+            "kept": kept,
+            "dropped_estimators": [names[i] for i in dropped],
+            "estimator_of_task": list(model.estimator_of_task),
+            "clustered_units": unit_names,
+            "affinity": np.round(result.affinity, 4).tolist(),
+            "parameters_before": int(params_before),
+            "parameters_after": int(model.count_params()),
+            "head_parameters_before": int(heads_before),
+            "head_parameters_after": int(model.head_parameter_count()),
+        }
+        self.history.append(record)
+        logs["sharing/gate_proposed"] = float(len(gate))
+        logs["sharing/gate_passed"] = float(sum(c["passed"] for c in gate))
+        logs["sharing/gate_min_stability"] = float(min((c["stability"] for c in gate), default=1.0))
+        if self.verbose and dropped:
+            merged = "; ".join(f"{', '.join(ts)} -> {k}" for k, ts in kept.items())
+            print(f"\nSelectiveSharing (predictions + gate) epoch {n}: {merged}. Estimators "
+                  f"{len(owners)} -> {len(model.estimator_owners)}.")
+        self._write_summaries(n, record, result, unit_names, 0)
+        self._save_state()
+
     # ------------------------------------------------------------ recording
     def _write_summaries(self, n, record, grouping, unit_names, steps):
         if self._writer is None and not self.plot_dir:
@@ -379,9 +530,18 @@ class SelectiveSharing(keras.callbacks.Callback):
             with open(os.path.join(self.plot_dir, f"sharing_epoch{n:03d}.png"), "wb") as f:
                 f.write(png)
         if self._writer is not None:
-            lines = [f"**epoch {n}**, rule `{self.rule_name}`, {steps} steps of evidence, "
-                     f"{record['n_clusters']} clusters, parameters {record['parameters_before']} -> "
-                     f"{record['parameters_after']}", "", "| estimator | tasks |", "|---|---|"]
+            if "gate" in record:
+                lines = [f"**epoch {n}**, predictions on {record['probe_rows']} probe inputs, permutation null "
+                         f"{record['null_threshold']}, parameters {record['parameters_before']} -> "
+                         f"{record['parameters_after']}", "",
+                         "| proposed group | within | between | stability | passed |", "|---|---|---|---|---|"]
+                lines += [f"| {', '.join(c['group'])} | {c['within']} | {c['between']} | {c['stability']} | "
+                          f"{'yes' if c['passed'] else '; '.join(c['reasons'])} |" for c in record["gate"]]
+                lines += ["", "| estimator | tasks |", "|---|---|"]
+            else:
+                lines = [f"**epoch {n}**, rule `{self.rule_name}`, {steps} steps of evidence, "
+                         f"{record['n_clusters']} clusters, parameters {record['parameters_before']} -> "
+                         f"{record['parameters_after']}", "", "| estimator | tasks |", "|---|---|"]
             lines += [f"| {ts[0] if len(ts) == 1 else k} | {', '.join(ts)} |"
                       for k, ts in _named_groups(self.model).items()]
             with self._writer.as_default(step=n):
@@ -401,6 +561,8 @@ class SelectiveSharing(keras.callbacks.Callback):
                 "max_group_size": self.max_group_size, "signal": self.signal,
                 "factorizer": self.factorizer, "n_components": self.n_components,
                 "clusterer": self.clusterer, "n_clusters": self.n_clusters, "keep": self.keep,
+                "min_affinity": self.min_affinity, "proposal": self.proposal, "bootstrap": self.bootstrap,
+                "min_stability": self.min_stability, "null_permutations": self.null_permutations,
             },
             "checks": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history],
             "merges": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history if h["merged"]],

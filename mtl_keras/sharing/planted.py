@@ -143,3 +143,103 @@ def planted_model(problem, hidden=(64, 32), head_units=(16,), seed=0, **kwargs):
         )(h)
     backbone = keras.Model({"image": inputs}, h, name="planted_trunk")
     return MultiTaskModel(backbone, problem.tasks, head_units=head_units, seed=seed, **kwargs)
+
+
+@dataclasses.dataclass
+class PlantedLabels:
+    """Binary tasks planted on labelled examples: families share one labelling rule.
+
+    Attributes:
+        y: `[N, T]` float32 labels (0/1), NaN where a task has no label.
+        families: family (rule) of each task `[T]` int.
+        rules: `[F, C]` 0/1, each rule's label of each class.
+        tasks: the `TaskSet` (binary tasks named `task<i>`, in shuffled order).
+        correlation: `[F, F]` label correlation of the rules over the examples.
+    """
+
+    y: np.ndarray
+    families: np.ndarray
+    rules: np.ndarray
+    tasks: TaskSet
+    correlation: np.ndarray
+
+
+def _balanced_rule(num_classes, rng):
+    rule = np.zeros(num_classes, dtype=int)
+    rule[rng.permutation(num_classes)[: num_classes // 2]] = 1
+    return rule
+
+
+def _flip_balanced(rule, fraction, rng):
+    """`rule` with `fraction` of its classes flipped, as many 1->0 as 0->1 (stays balanced)."""
+    out = rule.copy()
+    flips = int(round(fraction * len(rule) / 2))
+    ones, zeros = np.flatnonzero(rule == 1), np.flatnonzero(rule == 0)
+    out[rng.choice(ones, flips, replace=False)] = 0
+    out[rng.choice(zeros, flips, replace=False)] = 1
+    return out
+
+
+def planted_label_families(classes, family_sizes, noise=0.1, correlation=0.0, label_fraction=1.0, seed=0):
+    """Binary tasks in known families over examples with a class (e.g. a character of an image).
+
+    Each family is a *labelling rule*: a balanced 0/1 label for every class.
+    A task is its family's rule applied to each example's class, with its own
+    independent label noise (each label flipped with probability `noise`)
+    and, with `label_fraction < 1`, its own random subset of labelled
+    examples (the others NaN). Tasks are shuffled, so their ids say nothing
+    of their families. With `correlation > 0` the rules are not independent:
+    each is a base rule with its own `(1 - sqrt(correlation)) / 2` of the
+    classes flipped, so two rules agree on many examples (label correlation
+    about `correlation`) while still being different rules. Families of size 1
+    with `correlation=0` make a *null* problem (no two tasks related).
+
+    Args:
+        classes: `[N]` int class of each example, in `[0, C)`.
+        family_sizes: tasks per family (a list, one per family).
+        noise: probability of flipping each label, per task independently.
+        correlation: target label correlation between rules, in [0, 1).
+        label_fraction: share of examples each task has a label for.
+        seed: random seed.
+
+    Returns:
+        A `PlantedLabels`.
+
+    Example:
+
+    >>> planted = planted_label_families(arrays.characters, [6, 3, 2, 1], noise=0.1)
+    >>> planted.y.shape, planted.families
+    ((2000, 12), array([0, 2, 0, 1, ...]))
+    """
+    classes = np.asarray(classes, dtype=int)
+    sizes = [int(s) for s in family_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"family_sizes must be a non-empty list of positive ints; got {family_sizes!r}.")
+    if not 0.0 <= noise < 0.5:
+        raise ValueError(f"noise is a flip probability in [0, 0.5); got {noise!r}.")
+    if not 0.0 <= correlation < 1.0:
+        raise ValueError(f"correlation must be in [0, 1); got {correlation!r}.")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1]; got {label_fraction!r}.")
+    num_classes = int(classes.max()) + 1
+    if num_classes < 4:
+        raise ValueError(f"Need at least 4 classes to plant balanced rules; got {num_classes}.")
+    rng = np.random.default_rng(seed)
+    if correlation > 0:
+        base = _balanced_rule(num_classes, rng)
+        flip = (1.0 - np.sqrt(correlation)) / 2.0
+        rules = np.stack([_flip_balanced(base, flip, rng) for _ in sizes])
+    else:
+        rules = np.stack([_balanced_rule(num_classes, rng) for _ in sizes])
+    families = np.repeat(np.arange(len(sizes)), sizes)
+    families = families[rng.permutation(len(families))]
+    clean = rules[:, classes]  # [F, N]
+    y = np.empty((len(classes), len(families)), dtype=np.float32)
+    for t, f in enumerate(families):
+        labels = np.where(rng.random(len(classes)) < noise, 1 - clean[f], clean[f]).astype(np.float32)
+        if label_fraction < 1.0:
+            labels[rng.random(len(classes)) >= label_fraction] = np.nan
+        y[:, t] = labels
+    corr = np.corrcoef(clean) if len(sizes) > 1 else np.ones((1, 1))
+    tasks = TaskSet([Task(f"task{i:02d}", "binary", 1) for i in range(len(families))])
+    return PlantedLabels(y=y, families=families, rules=rules, tasks=tasks, correlation=np.nan_to_num(corr))
