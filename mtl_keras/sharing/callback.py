@@ -393,21 +393,8 @@ class SelectiveSharing(keras.callbacks.Callback):
             max_dim=self.max_dim,
             seed=self.seed,
         )
-        new_owner = {o: o for o in owners}
-        kept = {}
-        for group in grouping.groups:
-            units = [rows[i] for i in group]
-            if len(units) < 2:
-                continue
-            keeper = self._keeper(units, owners, unit_tasks, logs, grouping, rows)
-            for u in units:
-                new_owner[owners[u]] = keeper
-            kept[names[keeper]] = [names[t] for u in units for t in unit_tasks[u]]
-        estimator_of_task = [new_owner[o] for o in model.estimator_of_task]
-        params_before, heads_before = model.count_params(), model.head_parameter_count()
-        dropped = []
-        if estimator_of_task != list(model.estimator_of_task):
-            dropped = model.set_estimator_of_task(estimator_of_task)
+        kept, dropped, params_before, heads_before = self._merge(grouping.groups, rows, owners, unit_tasks, logs,
+                                                                 grouping)
         unit_names = [names[owners[u]] for u in rows]
         record.update(
             merged=bool(dropped),
