@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--real-seeds", type=int, default=5)
     p.add_argument("--real-first-seed", type=int, default=0)
     p.add_argument("--characters", type=int, default=40, help="Omniglot characters the rules label")
+    p.add_argument("--character-seed", type=int, default=0,
+                   help="seed of the draw of the characters (the same for every --real-seeds seed; "
+                        "another value gives other characters, e.g. for a held-out check)")
     p.add_argument("--image-size", type=int, default=20)
     p.add_argument("--archives", default="full", help="Omniglot archives: full or small")
     p.add_argument("--omniglot-dir", default=None, help="folder of the Omniglot zips (default: search)")
@@ -141,11 +144,12 @@ def run_real_sets(args, output, log):
     from mtl_keras.data.omniglot_arrays import load_omniglot_arrays
 
     arrays = load_omniglot_arrays(args.archives, args.image_size, max_characters=args.characters,
-                                  data_dir=args.omniglot_dir, seed=0)
+                                  data_dir=args.omniglot_dir, seed=args.character_seed)
     train = arrays.drawers <= 15
     training = {**TRAINING, "epochs": args.epochs}
     seeds = list(range(args.real_first_seed, args.real_first_seed + args.real_seeds))
     real = {"setting": {"archives": args.archives, "characters": int(arrays.characters.max() + 1),
+                        "character_seed": args.character_seed,
                         "images": len(arrays.images), "image_size": args.image_size,
                         "train": "drawers 1-15", "accuracy_on": "drawers 16-20, against the clean rule",
                         "seeds": seeds, "training": training,

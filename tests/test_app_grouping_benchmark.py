@@ -25,3 +25,26 @@ def test_grouping_benchmark_app_writes_results_with_provenance(tmp_path):
     assert provenance["command"].startswith("python apps/grouping_benchmark.py --output ")
     assert len(provenance["load_average_before"]) == 3 and "heavy_processes" in provenance
     assert (out / "grouping.png").stat().st_size > 1000 and (out / "affinity_seed0.png").stat().st_size > 1000
+
+
+def test_character_seed_reaches_the_omniglot_draw(tmp_path, monkeypatch):
+    import pytest
+
+    from mtl_keras.data import omniglot_arrays
+
+    seen = []
+
+    class Drawn(Exception):
+        pass
+
+    def fake_load(*args, seed=None, **kwargs):
+        seen.append(seed)
+        raise Drawn
+
+    monkeypatch.setattr(omniglot_arrays, "load_omniglot_arrays", fake_load)
+    assert grouping_benchmark.parse_args(["--output", str(tmp_path)]).character_seed == 0
+    for argv, expected in (([], 0), (["--character-seed", "3"], 3)):
+        args = grouping_benchmark.parse_args(["--output", str(tmp_path), "--real", *argv])
+        with pytest.raises(Drawn):
+            grouping_benchmark.run_real_sets(args, tmp_path, log=print)
+        assert seen[-1] == expected
