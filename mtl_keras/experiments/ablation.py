@@ -108,7 +108,7 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
         "seed": seed,
         "mean_test_accuracy": float(report["mean_test_accuracy"]),
         "parameters": int(report["parameters"]),
-        "wall_seconds": None if wall is None else round(wall, 1),
+        "wall_seconds": None if wall is None else round(wall, 3),
         "report": str(report_path),
         "reused": reused,
         # Each run's own record: runs of one ablation may be days apart.
