@@ -75,17 +75,23 @@ def collect(setting, seed, probe_logits=None):
     return sums, collector.layout, problem.families
 
 
-def cosine_agglomerative(sums):
-    """Baseline labels: cosine similarity of the raw gradients, average linkage, k by silhouette."""
-    distance = np.clip(1.0 - affinity_matrix(sums), 0.0, 2.0)
+def best_silhouette_labels(affinity):
+    """Agglomerative (average linkage) labels on `1 - affinity`, number of clusters by silhouette."""
+    distance = np.clip(1.0 - np.asarray(affinity, dtype=np.float64), 0.0, 2.0)
+    distance = (distance + distance.T) / 2
     np.fill_diagonal(distance, 0.0)
     best = None
-    for k in range(2, len(sums)):
+    for k in range(2, len(distance)):
         labels = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(distance)
         score = silhouette_score(distance, labels, metric="precomputed")
         if best is None or score > best[0]:
             best = (score, labels)
     return best[1]
+
+
+def cosine_agglomerative(sums):
+    """Baseline labels: cosine similarity of the raw gradients, average linkage, k by silhouette."""
+    return best_silhouette_labels(affinity_matrix(sums))
 
 
 def evaluate(sums, layout, families, seed, defaults):

@@ -46,10 +46,10 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.cluster import AgglomerativeClustering
-from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.metrics import adjusted_rand_score
 
 from mtl_keras.backbones import conv_backbone
+from mtl_keras.experiments.grouping import best_silhouette_labels
 from mtl_keras.model import MultiTaskModel
 from mtl_keras.sharing import GradientCollector, group_units, groups_to_labels
 from mtl_keras.sharing.gate import PredictionEvidence, gated_grouping
@@ -67,20 +67,6 @@ TRAINING = dict(filters=(32, 64, 64), head_units=(32,), epochs=10, batch_size=32
                 probe=512)
 MIN_AFFINITIES = (0.5, 0.7)
 SIGNAL_ONLY = ("predictions", "trunk_cosine", "tag")
-
-
-def best_silhouette_labels(affinity):
-    """Agglomerative (average linkage) labels on `1 - affinity`, number of clusters by silhouette."""
-    distance = np.clip(1.0 - np.asarray(affinity, dtype=np.float64), 0.0, 2.0)
-    distance = (distance + distance.T) / 2
-    np.fill_diagonal(distance, 0.0)
-    best = None
-    for k in range(2, len(distance)):
-        labels = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(distance)
-        score = silhouette_score(distance, labels, metric="precomputed")
-        if best is None or score > best[0]:
-            best = (score, labels)
-    return best[1]
 
 
 def _bce(logits, labels):
