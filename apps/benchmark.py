@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--num-tasks", type=int, nargs="+", default=None, help=f"task counts (default {FULL_TASKS})")
     p.add_argument("--cases", default=None,
                    help="comma-separated cases (default: plain,routing,plain_k,routing_k and w:<each weighting>)")
-    add_config_arguments(p, preset="default", exclude=[f.name for f in dataclasses.fields(TrainConfig)
+    add_config_arguments(p, preset="benchmark", exclude=[f.name for f in dataclasses.fields(TrainConfig)
                                                         if f.name not in MODEL_FLAGS])
     p.add_argument("--classes", type=int, default=d.classes, help="classes per task (Omniglot alphabets: 14-55)")
     p.add_argument("-k", type=int, default=d.k, help="tasks per step for the several-tasks-per-example cases")

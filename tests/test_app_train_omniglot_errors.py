@@ -48,6 +48,8 @@ def assert_nothing_written(out):
         (["--sigma", "1.5"], r"sigma (the sharing ratio) must be a number in [0, 1], got 1.5"),
         (["--sigma", "nan"], r"sigma (the sharing ratio) must be a number in [0, 1], got nan"),
         (["--head-dropout", "1"], r"--head-dropout must be a number in [0, 1), got 1.0"),
+        (["--sharing", "similarity"], "--sharing similarity merges the task heads' estimators, and the heads "
+                                      "have none: add --head-units 128"),
     ],
 )
 def test_flags_out_of_range_are_argparse_errors(capsys, flags, message):

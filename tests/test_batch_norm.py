@@ -289,15 +289,17 @@ def _short_omniglot_run(tmp_path, recalibrate):
     from mtl_keras.experiments.training import build_model
     from mtl_keras.presets import get_preset
 
-    # The default preset (batch-norm momentum 0.99, head dropout 0.2), on a
-    # budget of 3 epochs x 31 batches: 0.99 ** 93 = 39% of the initial
-    # statistics would be left in the moving averages.
+    # The default preset (batch-norm momentum 0.99, its learning-rate
+    # schedule and heads), on a budget of 3 epochs x 31 batches:
+    # 0.99 ** 93 = 39% of the initial statistics would be left in the moving
+    # averages.
     config = get_preset("default").replace(tasks=3, image_size=16, width=16, depth=3, batch_size=32, epochs=3)
     assert config.bn_momentum == 0.99
     data = load_omniglot(data_dir=small_omniglot_dir(), archives="small", tasks=config.tasks,
                          image_size=config.image_size, batch_size=config.batch_size, tfds_dir=tmp_path / "tfds")
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config, data.tasks, (16, 16, 1))
+    steps = -(-data.num_examples["train"] // config.batch_size)
+    model = build_model(config, data.tasks, (16, 16, 1), steps_per_epoch=steps)
     model.fit(data.train, validation_data=data.validation, epochs=config.epochs, verbose=0,
               recalibrate_batch_norm=recalibrate)
     logs = model.evaluate(data.test, return_dict=True, verbose=0)

@@ -25,7 +25,7 @@ from mtl_keras.experiments.provenance import RunProvenance, describe
 from mtl_keras.presets import get_preset
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-TINY_MODEL = get_preset("default").replace(batch_size=8, image_size=8, width=4, depth=1, head_units=(4,))
+TINY_MODEL = get_preset("benchmark").replace(batch_size=8, image_size=8, width=4, depth=1, head_units=(4,))
 
 
 def tiny(**kwargs):
@@ -117,7 +117,7 @@ def test_the_committed_report_still_gives_its_targets():
 def test_plan_covers_every_registered_weighting_and_the_variants():
     from mtl_keras.weighting import available_weightings
 
-    settings = resolve_settings(get_preset("default"), num_tasks=[10, 50])
+    settings = resolve_settings(get_preset("benchmark"), num_tasks=[10, 50])
     specs = plan(settings)
     grid = {(s["case"], s["num_tasks"]) for s in specs if s["precision"] == "float32" and not s["jit_compile"]}
     for t in (10, 50):
@@ -134,17 +134,17 @@ def test_plan_covers_every_registered_weighting_and_the_variants():
     # The documented run's model: 32x32 images, batch 128, VGG width 32 depth 4, 128-unit heads, 20 classes.
     assert {k: routing_k[k] for k in ("image_size", "batch_size", "width", "depth", "head_units", "classes")} == \
         {"image_size": 32, "batch_size": 128, "width": 32, "depth": 4, "head_units": [128], "classes": 20}
-    assert resolve_settings(get_preset("default")).num_tasks == [10, 50, 100, 312]
-    quick = resolve_settings(get_preset("default"), quick=True)
+    assert resolve_settings(get_preset("benchmark")).num_tasks == [10, 50, 100, 312]
+    quick = resolve_settings(get_preset("benchmark"), quick=True)
     assert quick.num_tasks == [10, 50] and quick.steps == 3 and quick.variants is False
     with pytest.raises(ValueError, match="Unknown case"):
-        plan(resolve_settings(get_preset("default"), cases=["plain", "fast"]))
+        plan(resolve_settings(get_preset("benchmark"), cases=["plain", "fast"]))
     # Selective Sharing: overhead at 50 (or the largest T), collection at 10 and 50 where run.
     spec = sharing_spec(settings)
     assert (spec["overhead_tasks"], spec["collection_tasks"]) == ([50], [10, 50])
-    spec = sharing_spec(resolve_settings(get_preset("default"), num_tasks=[3, 7]))
+    spec = sharing_spec(resolve_settings(get_preset("benchmark"), num_tasks=[3, 7]))
     assert (spec["overhead_tasks"], spec["collection_tasks"]) == ([7], [3])
-    only = resolve_settings(get_preset("default"), sharing_only=True, sharing_tasks=[10, 50])
+    only = resolve_settings(get_preset("benchmark"), sharing_only=True, sharing_tasks=[10, 50])
     assert plan(only) == [] and (sharing_spec(only)["overhead_tasks"], sharing_spec(only)["collection_tasks"]) == \
         ([10, 50], [10, 50])
 

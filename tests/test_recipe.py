@@ -8,6 +8,7 @@ from keras import ops
 from mtl_keras import Task, TaskSet
 from mtl_keras.experiments.training import build_model, learning_rate
 from mtl_keras.presets import get_preset
+from mtl_keras.schedules import WarmupStableDecay
 from mtl_keras.task_losses import TaskTable, gather_task_logits, pair_losses
 
 
@@ -31,6 +32,34 @@ def test_cosine_schedule_warms_up_peaks_and_ends_at_zero():
     assert float(short(0)) == pytest.approx(0.01)
 
 
+def test_warmup_stable_decay_holds_the_peak_then_decays_to_zero():
+    config = get_preset("default").replace(lr=0.01, lr_schedule="wsd", warmup_fraction=0.1, decay_fraction=0.25,
+                                           epochs=4)
+    schedule = learning_rate(config, steps_per_epoch=10)
+    lr = [float(schedule(step)) for step in range(41)]
+    assert lr[0] == 0.0 and lr[2] == pytest.approx(0.005) and lr[4] == pytest.approx(0.01)
+    assert lr[4:31] == pytest.approx([0.01] * 27)  # held from the end of the warm-up to the decay
+    assert lr[35] == pytest.approx(0.005) and lr[40] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(lr[30:], lr[31:]))
+    assert float(schedule(1000)) == 0.0  # past the run: never negative
+    no_decay = learning_rate(config.replace(decay_fraction=0.0, warmup_fraction=0.0), steps_per_epoch=10)
+    assert [float(no_decay(s)) for s in (0, 39)] == pytest.approx([0.01, 0.01])
+    # Warm-up and decay never overlap, even when their shares add up to more than the run.
+    squeezed = learning_rate(config.replace(warmup_fraction=0.5, decay_fraction=1.0), steps_per_epoch=10)
+    assert float(squeezed(20)) == pytest.approx(0.01) and float(squeezed(30)) == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        learning_rate(config.replace(decay_fraction=1.5), steps_per_epoch=10)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        learning_rate(config)
+
+
+def test_warmup_stable_decay_refuses_impossible_phases():
+    with pytest.raises(ValueError, match="peak_learning_rate"):
+        WarmupStableDecay(0.0, total_steps=10)
+    with pytest.raises(ValueError, match="warmup_steps \\+ decay_steps"):
+        WarmupStableDecay(0.1, total_steps=10, warmup_steps=6, decay_steps=5)
+
+
 def test_schedule_is_saved_with_the_model(tmp_path):
     tasks = TaskSet([Task("a", "multiclass", 3)])
     config = get_preset("default").replace(width=4, depth=1, head_units=(4,), lr_schedule="cosine",
@@ -43,6 +72,19 @@ def test_schedule_is_saved_with_the_model(tmp_path):
     assert saved["class_name"] == "CosineDecay" and saved["config"]["warmup_steps"] == 2
     assert saved["config"]["decay_steps"] == 6  # 2 epochs of 4 steps, minus the warm-up
 
+
+
+def test_warmup_stable_decay_is_saved_with_the_model(tmp_path):
+    tasks = TaskSet([Task("a", "multiclass", 3)])
+    config = get_preset("default").replace(width=4, depth=1, head_units=(4,), lr_schedule="wsd",
+                                           warmup_fraction=0.25, decay_fraction=0.5, epochs=2)
+    model = build_model(config, tasks, (8, 8, 1), steps_per_epoch=4)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    saved = loaded.optimizer.get_config()["learning_rate"]
+    assert saved["class_name"] == "WarmupStableDecay"
+    assert saved["config"] == {"peak_learning_rate": config.lr, "total_steps": 8, "warmup_steps": 2,
+                               "decay_steps": 4, "name": "warmup_stable_decay"}
 
 TASKS = TaskSet([Task("three", "multiclass", 3), Task("five", "multiclass", 5), Task("flag", "binary", 1)])
 

@@ -206,6 +206,9 @@ def test_bad_settings_give_clear_errors():
     no_estimator = MultiTaskModel(backbone, four_tasks(), head_units=())
     with pytest.raises(ValueError, match="head_units"):
         GradientCollector(no_estimator)
+    # The callback says so before the first step, with the fix.
+    with pytest.raises(ValueError, match=r"these heads have none \(head_units=\(\)\).*head_units=\(128,\)"):
+        SelectiveSharing().set_model(no_estimator)
 
 
 # ------------------------------------------------------------------- callback

@@ -21,7 +21,7 @@ as ratios against the plain model at the same T.
 
 Example:
 
->>> settings = resolve_settings(get_preset("default"), quick=True)
+>>> settings = resolve_settings(get_preset("benchmark"), quick=True)
 >>> with RunProvenance() as prov:
 ...     report = run_benchmark(settings, prov)
 """

@@ -317,7 +317,8 @@ def budget_text(train_config, num_tasks, seeds, stl, data_label=None):
     # Named only when used, so budgets written before these parts existed still match.
     recipe = ""
     if c.lr_schedule != "constant":
-        recipe += f" ({c.lr_schedule}, warm-up {c.warmup_fraction} of the steps)"
+        recipe += f" ({c.lr_schedule}, warm-up {c.warmup_fraction} of the steps"
+        recipe += f", decay {c.decay_fraction})" if c.lr_schedule == "wsd" else ")"
     if c.augmentation().enabled:
         recipe += (f", augmentation shift {c.augment_shift} rotation {c.augment_rotation} "
                    f"scale {c.augment_scale}")

@@ -4,6 +4,7 @@ import keras
 
 from mtl_keras.backbones import conv_backbone, vgg_filters
 from mtl_keras.model import MultiTaskModel
+from mtl_keras.schedules import WarmupStableDecay
 
 
 def build_backbone(config, input_shape, num_tasks, sigma=None, seed=None):
@@ -40,8 +41,10 @@ def learning_rate(config, steps_per_epoch=None):
 
     `"cosine"`: linear warm-up from 0 over the first `config.warmup_fraction`
     of the run's steps, then cosine decay from `config.lr` to 0 at its last
-    step. Warm-up as a share of the run keeps a 3-epoch try from spending a
-    third of it warming up.
+    step. `"wsd"` (`mtl_keras.schedules.WarmupStableDecay`): the same
+    warm-up, `config.lr` held, then linear decay to 0 over the last
+    `config.decay_fraction` of the steps. Warm-up and decay as shares of the
+    run keep a 3-epoch try from spending a third of it warming up.
 
     Args:
         config: a `TrainConfig`.
@@ -52,17 +55,22 @@ def learning_rate(config, steps_per_epoch=None):
     """
     if config.lr_schedule == "constant":
         return config.lr
-    if config.lr_schedule != "cosine":
-        raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use 'constant' or 'cosine'.")
+    if config.lr_schedule not in ("cosine", "wsd"):
+        raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use 'constant', 'cosine' or 'wsd'.")
     if not steps_per_epoch or steps_per_epoch < 1:
         raise ValueError(
-            "The cosine learning-rate schedule spans the run, so it needs steps_per_epoch "
+            f"The {config.lr_schedule} learning-rate schedule spans the run, so it needs steps_per_epoch "
             f"(training steps per epoch); got {steps_per_epoch!r}."
         )
     total = int(config.epochs) * int(steps_per_epoch)
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction is a share of the run's steps, in [0, 1); got {config.warmup_fraction!r}.")
     warmup = min(int(round(config.warmup_fraction * total)), total - 1)
+    if config.lr_schedule == "wsd":
+        if not 0.0 <= config.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction is a share of the run's steps, in [0, 1]; got {config.decay_fraction!r}.")
+        decay = min(int(round(config.decay_fraction * total)), total - warmup)
+        return WarmupStableDecay(config.lr, total_steps=total, warmup_steps=warmup, decay_steps=decay)
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else config.lr, decay_steps=total - warmup,
         warmup_target=config.lr if warmup else None, warmup_steps=warmup,

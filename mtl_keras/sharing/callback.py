@@ -290,6 +290,13 @@ class SelectiveSharing(keras.callbacks.Callback):
             raise ValueError(
                 f"SelectiveSharing works on a mtl_keras MultiTaskModel; got {type(model).__name__}."
             )
+        if not model.task_heads.hidden_units:
+            # Only the estimators are shared; the output layers differ in size.
+            raise ValueError(
+                "SelectiveSharing merges the task heads' estimators, and these heads have none "
+                "(head_units=()): build the model with estimator layers, e.g. "
+                "MultiTaskModel(..., head_units=(128,)) (apps: --head-units 128)."
+            )
         if self.collector is not None and self.collector.model is not model:
             self.collector.detach()
             self.collector = None
