@@ -66,6 +66,9 @@ def parse_args(argv=None):
     try:  # refused here, before minutes of data preparation
         check_sigma(args.sigma)
         check_fraction("--head-dropout", args.head_dropout, upper_open=True)
+        check_fraction("--warmup-fraction", args.warmup_fraction, upper_open=True)
+        check_fraction("--decay-fraction", args.decay_fraction)
+        check_fraction("--label-smoothing", args.label_smoothing, upper_open=True)
         if args.sharing != "none" and not args.head_units:
             raise ValueError(f"--sharing {args.sharing} merges the task heads' estimators, and the heads have "
                              "none: add --head-units 128 (an estimator of 128 units per task)")

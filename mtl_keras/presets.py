@@ -122,14 +122,14 @@ PRESETS = {
     # The comparison of docs/RESULTS.md: the v0.1 recipe with BN momentum 0.9,
     # with which the documented tables were made.
     "comparison": V01_RECIPE.replace(bn_momentum=0.9),
-    # KerasTuner trials: short (4 epochs of batch 64), so batch norm needs
-    # the faster momentum; one device, as KerasTuner runs trials one by one.
-    # No head dropout: the searches so far ran without it, and a trial's
-    # score is only comparable with trials of the same model.
     # apps/benchmark.py's model shape: heads with an estimator, as
     # docs/BENCHMARKS.md measured them (Selective Sharing's overhead is that of
     # collecting the estimators' gradients).
     "benchmark": _MAIN.replace(head_units=(128,)),
+    # KerasTuner trials: short (4 epochs of batch 64), so batch norm needs
+    # the faster momentum; one device, as KerasTuner runs trials one by one.
+    # No head dropout: the searches so far ran without it, and a trial's
+    # score is only comparable with trials of the same model.
     "tuning": V01_RECIPE.replace(bn_momentum=0.9, batch_size=64, epochs=4, strategy="default", head_dropout=0.0),
 }
 

@@ -48,6 +48,9 @@ def assert_nothing_written(out):
         (["--sigma", "1.5"], r"sigma (the sharing ratio) must be a number in [0, 1], got 1.5"),
         (["--sigma", "nan"], r"sigma (the sharing ratio) must be a number in [0, 1], got nan"),
         (["--head-dropout", "1"], r"--head-dropout must be a number in [0, 1), got 1.0"),
+        (["--decay-fraction", "1.5"], r"--decay-fraction must be a number in [0, 1], got 1.5"),
+        (["--warmup-fraction", "1"], r"--warmup-fraction must be a number in [0, 1), got 1.0"),
+        (["--label-smoothing", "1"], r"--label-smoothing must be a number in [0, 1), got 1.0"),
         (["--sharing", "similarity"], "--sharing similarity merges the task heads' estimators, and the heads "
                                       "have none: add --head-units 128"),
     ],
