@@ -35,7 +35,7 @@ def test_chance_is_a_uniform_guess_and_binary_has_two_classes():
 def test_report_of_a_trained_model(tmp_path):
     config = get_preset("default").replace(width=4, depth=1, head_units=(4,), epochs=1, image_size=8, lr=1e-2)
     keras.utils.set_random_seed(0)
-    model = build_model(config, TASKS, (8, 8, 1))
+    model = build_model(config, TASKS, (8, 8, 1), steps_per_epoch=3)  # _data(): 3 batches
     start = model.count_params()
     history = model.fit(_data(), validation_data=_data(), epochs=1, verbose=0)
     logs = model.evaluate(_data(), return_dict=True, verbose=0)
