@@ -17,7 +17,10 @@ memory of:
 - w:<name>     Task Routing, one task per example, with each registered weighting method
 
 at T in {10, 50, 100, 312} tasks, reported as ratios of step time against
-the plain model at the same T (routing_k against plain_k, same data). It
+the plain model at the same T (routing_k against plain_k, same data). Each
+case's FLOP rate (convolutions and dense layers, forward and backward) is
+reported against this machine's matmul peak, measured in the same run in
+float32 and bfloat16 (`mtl_keras.experiments.efficiency`). It
 also tries XLA (`jit_compile=True`) and mixed precision (float16 and
 bfloat16) on plain and routing at T = 50, and measures Selective Sharing's
 overhead in the train step and its one-pass gradient collection against
@@ -81,6 +84,8 @@ def parse_args(argv=None):
                         "killed or failed at some T is not run at larger T")
     p.add_argument("--memory-limit-mib", type=float, default=None,
                    help="kill a case past this RSS (default: 8 GiB or half the available memory, the smaller)")
+    p.add_argument("--peak-size", type=int, default=d.peak_size,
+                   help="side of the square matrices whose matmul rate is taken as the machine's peak")
     p.add_argument("--output", default=None,
                    help="folder for benchmark.json and benchmark.md (default runs/benchmark/<timestamp>)")
     return p.parse_args(argv)
@@ -95,6 +100,7 @@ def main(argv=None):
         memory_limit_mib=args.memory_limit_mib, classes=args.classes, k=args.k, warmup=args.warmup,
         variant_tasks=args.variant_tasks, time_budget=args.time_budget, timeout=args.timeout,
         sharing=args.measure_sharing, sharing_tasks=args.sharing_tasks, sharing_only=args.sharing_only,
+        peak_size=args.peak_size,
     )
     output = run_directory("benchmark", args.output)
     report = run_benchmark(settings, RunProvenance(argv, program=__file__))

@@ -374,8 +374,7 @@ class MultiTaskModel(GuardedModel):
         # per-task gradients there (see mtl_keras.weighting).
         features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)
         logits = self.heads_forward(features, pairs.task_ids, training)
-        losses = pair_losses(logits, pairs.labels, pairs.task_ids, self.table,
-                             label_smoothing=self.label_smoothing if training else 0.0)
+        losses = self._pair_losses(logits, pairs, training)
         shares, present, global_losses = self.task_losses(losses, pairs.task_ids, pairs.weights)
         task_weights = ops.convert_to_tensor(self.table.weights)
         objective = self.weighting.combine(shares, present, task_weights, global_losses)
@@ -400,8 +399,28 @@ class MultiTaskModel(GuardedModel):
             features_fn=lambda images, task_ids: self._features(
                 images, task_ids if self.routed else None, training
             ),
+            task_losses_fn=lambda: self._task_losses_now(pairs, training),
         )
         return objective, step
+
+    def _pair_losses(self, logits, pairs, training):
+        return pair_losses(logits, pairs.labels, pairs.task_ids, self.table,
+                           label_smoothing=self.label_smoothing if training else 0.0)
+
+    def _task_losses_now(self, pairs, training):
+        """Global per-task losses of `pairs` under the current weights (see `StepContext.task_losses_fn`)."""
+        # A training-mode forward pass moves batch norm's moving statistics:
+        # keep them as the step left them, so this look costs nothing else.
+        kept = [(v, tf.identity(v.value)) for layer in batch_norm.batch_norm_layers(self)
+                for v in (layer.moving_mean, layer.moving_variance)]
+        features = self._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training)
+        logits = self.heads_forward(features, pairs.task_ids, training)
+        losses = ops.stop_gradient(self._pair_losses(logits, pairs, training))
+        global_losses = self.task_losses(losses, pairs.task_ids, pairs.weights)[2]
+        with tf.control_dependencies([global_losses]):
+            for v, value in kept:
+                v.assign(value)
+        return ops.convert_to_tensor(global_losses)
 
     def _update_metrics(self, objective, step):
         pairs = step.pairs

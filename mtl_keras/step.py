@@ -110,6 +110,14 @@ class StepContext:
     """`(images, task_ids) -> features`: the trunk in this step's mode
     (training or not) on any images; `task_ids` route it when it routes."""
 
+    task_losses_fn: Callable[[], tf.Tensor]
+    """`() -> [T]` float32: each task's mean loss over this step's global
+    batch, summed over replicas like `global_task_losses`, but under the
+    model's weights *as they are when called* (e.g. after the optimizer's
+    update: FAMO compares the two). One more forward pass of the batch, in
+    the step's mode and without gradient; batch norm's moving statistics
+    are left as they were."""
+
     @property
     def shared_variables(self):
         """The trunk's trainable variables (the ones all tasks share)."""

@@ -73,7 +73,6 @@ def test_schedule_is_saved_with_the_model(tmp_path):
     assert saved["config"]["decay_steps"] == 6  # 2 epochs of 4 steps, minus the warm-up
 
 
-
 def test_warmup_stable_decay_is_saved_with_the_model(tmp_path):
     tasks = TaskSet([Task("a", "multiclass", 3)])
     config = get_preset("default").replace(width=4, depth=1, head_units=(4,), lr_schedule="wsd",

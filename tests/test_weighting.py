@@ -11,13 +11,15 @@ from mtl_keras.weighting import (
     available_weightings,
     cagrad_combine,
     dwa_weights,
+    famo_logit_gradient,
+    famo_loss_weights,
     get_weighting,
     gradnorm_weight_gradient,
     pcgrad_combine,
 )
 from mtl_keras.weighting.cagrad import cagrad_weights
 
-METHODS = ["equal", "uncertainty", "dwa", "gradnorm", "pcgrad", "cagrad"]
+METHODS = ["equal", "uncertainty", "dwa", "gradnorm", "famo", "pcgrad", "cagrad"]
 
 
 def np_(x):
@@ -111,14 +113,17 @@ def captured_step(model, batch):
 
 
 @pytest.mark.parametrize(
-    "route, batch_norm, sigma, several_per_example",
+    "route, batch_norm, sigma, several_per_example, chunk",
     [
-        ("jacobian", True, 0.5, False),  # exact with batch norm
-        ("grouped", False, 0.5, False),  # one task per example, routed
-        ("grouped", False, 1.0, True),  # several tasks per example, shared trunk run once
+        ("jacobian", True, 0.5, False, 8),  # exact with batch norm; the default chunk holds every task
+        ("jacobian", True, 0.5, False, 2),  # two chunks of two tasks
+        ("jacobian", True, 1.0, True, 1),  # one task at a time (a plain loop)
+        ("jacobian", True, 0.5, False, None),  # all tasks in one vectorised pass
+        ("grouped", False, 0.5, False, 8),  # one task per example, routed
+        ("grouped", False, 1.0, True, 8),  # several tasks per example, shared trunk run once
     ],
 )
-def test_pcgrad_step_combines_exact_per_task_trunk_gradients(route, batch_norm, sigma, several_per_example):
+def test_pcgrad_step_combines_exact_per_task_trunk_gradients(route, batch_norm, sigma, several_per_example, chunk):
     if several_per_example:
         tasks = TaskSet([Task(f"t{i}", "binary", 1, weight=1.0 + i) for i in range(4)])
         rng = np.random.default_rng(5)
@@ -129,7 +134,7 @@ def test_pcgrad_step_combines_exact_per_task_trunk_gradients(route, batch_norm, 
     else:
         tasks = TaskSet([Task(f"t{i}", "multiclass", 3 + i, weight=1.0 + i) for i in range(4)])
         x, y = class_batch(n=18, num_tasks=4, present=[0, 1, 3])  # task 2 absent
-    weighting = get_weighting("pcgrad", per_task_gradients=route)
+    weighting = get_weighting("pcgrad", per_task_gradients=route, task_chunk_size=chunk)
     # Every labelled task of each example in every step: the pairs are the same in both passes.
     model = make_model(tasks, weighting, sigma=sigma, batch_norm=batch_norm, tasks_per_step=4)
     trunk = model.backbone.trainable_variables
@@ -163,6 +168,8 @@ def test_pcgrad_step_combines_exact_per_task_trunk_gradients(route, batch_norm, 
         ("pcgrad", {}),  # grouped per-task gradients (no batch norm)
         ("pcgrad", {"every_n_steps": 2, "per_task_gradients": "jacobian"}),
         ("cagrad", {}),
+        ("famo", {}),  # the loss after the update from one more forward pass on each replica
+        ("famo", {"loss_after_update": "next_batch"}),
         ("gradnorm", {}),
         ("uncertainty", {}),
         ("dwa", {}),
@@ -222,6 +229,9 @@ def test_every_n_steps_uses_plain_gradients_in_between(name):
         get_weighting(name, every_n_steps=0)
     with pytest.raises(ValueError, match="per_task_gradients"):
         get_weighting(name, per_task_gradients="fast")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="task_chunk_size must be a positive int"):
+            get_weighting(name, task_chunk_size=bad)
     # Sub-batches per task would change batch norm's statistics: refused, clearly.
     with_bn = make_model(tasks, get_weighting(name, per_task_gradients="grouped"), batch_norm=True)
     with pytest.raises(ValueError, match="batch_norm=False"):
@@ -277,6 +287,103 @@ def test_cagrad_ignores_absent_tasks():
     a = np_(cagrad_combine(tf.constant(grads), tf.constant([True] * 3)))
     b = np_(cagrad_combine(tf.constant(with_absent), tf.constant([True] * 3 + [False])))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -------------------------------------------------------------------- famo
+class ReferenceFAMO:
+    """The authors' FAMO (github.com/Cranial-XIX/FAMO, famo.py) in numpy: task
+    logits w, Adam(lr 0.025, L2 decay 0.01) on them, losses bounded below by 0."""
+
+    def __init__(self, n, lr=0.025, gamma=0.01):
+        self.w, self.m, self.v, self.k = np.zeros(n), np.zeros(n), np.zeros(n), 0
+        self.lr, self.gamma = lr, gamma
+
+    def loss_weights(self, losses):
+        # d/dtheta of sum(log(D) z / c), c = sum(z / D) held constant.
+        z = np.exp(self.w - self.w.max()) / np.exp(self.w - self.w.max()).sum()
+        d = losses + 1e-8
+        return (z / d) / (z / d).sum()
+
+    def update(self, before, after):
+        delta = np.log(before + 1e-8) - np.log(after + 1e-8)
+        z = np.exp(self.w - self.w.max()) / np.exp(self.w - self.w.max()).sum()
+        g = z * delta - z * (z @ delta) + self.gamma * self.w  # softmax VJP, then torch Adam's weight_decay
+        self.k += 1
+        self.m = 0.9 * self.m + 0.1 * g
+        self.v = 0.999 * self.v + 0.001 * g * g
+        m_hat, v_hat = self.m / (1 - 0.9**self.k), self.v / (1 - 0.999**self.k)
+        self.w = self.w - self.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+
+
+def per_task_losses_and_gradients(model, batch):
+    """Each task's global loss and its gradient w.r.t. every trainable variable (training mode)."""
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        _, out = model._step(batch, training=True)
+        losses = [out.task_losses[t] for t in range(len(model.tasks))]
+    grads = [tape.gradient(l, variables, unconnected_gradients="zero") for l in losses]
+    return np_(out.global_task_losses), grads
+
+
+def test_famo_steps_and_logits_follow_the_authors_algorithm():
+    tasks = class_tasks(3)
+    # No batch norm: the reference's losses come from extra forward passes here.
+    model = make_model(tasks, "famo", sigma=1.0, batch_norm=False)
+    x, y = class_batch(n=24, num_tasks=3, seed=1)
+    ref = ReferenceFAMO(3)
+    for step in range(4):
+        before, grads = per_task_losses_and_gradients(model, (x, y))
+        a = ref.loss_weights(before)
+        np.testing.assert_allclose(np_(famo_loss_weights(model.weighting.logits, before, [True] * 3)), a, rtol=1e-5)
+        expected = [sum(a[t] * np_(grads[t][i]) for t in range(3)) for i in range(len(grads[0]))]
+        seen = captured_step(model, (x, y))
+        for path, got, want in zip(seen["vars"], seen["grads"], expected):
+            np.testing.assert_allclose(0 if got is None else got, want, rtol=1e-4, atol=1e-7, err_msg=path)
+        after, _ = per_task_losses_and_gradients(model, (x, y))
+        assert np.abs(after - before).max() > 1e-3  # the step moved the losses
+        ref.update(before, after)
+        np.testing.assert_allclose(np_(model.weighting.logits), ref.w, rtol=1e-4, atol=1e-5, err_msg=str(step))
+    assert np.ptp(ref.w) > 0.01  # the logits moved apart: the check above compared something
+    np.testing.assert_allclose(model.weighting.current_weights(), 3 * np.exp(ref.w) / np.exp(ref.w).sum(),
+                               rtol=1e-4)
+
+
+def test_famo_looks_at_the_updated_model_without_moving_batch_norm_statistics():
+    tasks = class_tasks(3)
+    x, y = class_batch(n=24, num_tasks=3, seed=1)
+    famo, equal = (make_model(tasks, w, sigma=1.0, batch_norm=True) for w in ("famo", "equal"))
+    equal.set_weights(famo.get_weights()[: len(equal.get_weights())])
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(24)
+    for model in (famo, equal):  # one traced step each, as fit() runs it
+        model.fit(ds, epochs=1, verbose=0, recalibrate_batch_norm=False)
+    moving = [v.path for v in famo.backbone.non_trainable_variables if "moving" in v.path]
+    assert moving
+    for path in moving:
+        a = [np_(v) for v in famo.backbone.non_trainable_variables if v.path == path][0]
+        b = [np_(v) for v in equal.backbone.non_trainable_variables if v.path == path][0]
+        np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=path)  # one forward's update, not two
+
+
+def test_famo_weights_and_logit_steps_ignore_tasks_not_measured():
+    logits = tf.constant([0.3, -0.2, 0.5, 1.0])
+    losses = tf.constant([2.0, 0.5, 1.0, 9.0])
+    present = tf.constant([True, True, True, False])
+    a = np_(famo_loss_weights(logits, losses, present))
+    ref = ReferenceFAMO(3)
+    ref.w = np.array([0.3, -0.2, 0.5])
+    np.testing.assert_allclose(a[:3], ref.loss_weights(np.array([2.0, 0.5, 1.0])), rtol=1e-5)
+    assert a[3] == 0 and a[:3].sum() == pytest.approx(1.0)
+    # The smallest loss gets the largest multiplier, at equal logits.
+    even = np_(famo_loss_weights(tf.zeros(3), tf.constant([2.0, 0.5, 1.0]), tf.constant([True] * 3)))
+    assert even[1] > even[2] > even[0]
+    before, after = tf.math.log(losses), tf.math.log(tf.constant([1.0, 0.45, 0.9, 1.0]))
+    g = np_(famo_logit_gradient(logits, before, after, present))
+    z = np.exp([0.3, -0.2, 0.5]) / np.exp([0.3, -0.2, 0.5]).sum()
+    delta = np.log([2.0, 0.5, 1.0]) - np.log([1.0, 0.45, 0.9])
+    np.testing.assert_allclose(g[:3], z * (delta - z @ delta), rtol=1e-5)
+    assert g[3] == 0 and g[0] > 0 > g[1]  # the task that fell fastest loses weight (its logit's gradient > 0)
+    with pytest.raises(ValueError, match="loss_after_update"):
+        get_weighting("famo", loss_after_update="later")
 
 
 # ------------------------------------------------------------- uncertainty

@@ -7,7 +7,7 @@ from mtl_keras.experiments.provenance import describe
 from mtl_keras.reporting import markdown_table, text_table, write_json
 
 CASE_HEADERS = ["case", "T", "precision", "step (ms)", "examples/s", "× reference", "× plain",
-                "peak RSS (MiB)", "train RSS (MiB)", "parameters"]
+                "peak RSS (MiB)", "train RSS (MiB)", "parameters", "GFLOP/s (of peak)"]
 
 
 def _fmt(v, spec=".2f", none="–"):
@@ -15,7 +15,13 @@ def _fmt(v, spec=".2f", none="–"):
 
 
 def _target_value(t):
-    return f"{t['value']:+.1%}" if t.get("kind") == "percent" else f"{t['value']:.2f}x"
+    if t.get("kind") == "percent":
+        return f"{t['value']:+.1%}"
+    if t.get("kind") == "fraction":
+        return f"{t['value']:.1%}"
+    if t.get("kind") == "mib":
+        return f"{t['value']:,.0f} MiB"
+    return f"{t['value']:.2f}x"
 
 
 def _met(t, yes="yes", no="NO"):
@@ -36,6 +42,23 @@ def sharing_lines(sharing, markdown=False):
     return "\n".join(lines)
 
 
+def _flop_rate(r):
+    if "achieved_flops_per_second" not in r:
+        return "–"
+    share = f" ({r['fraction_of_peak']:.0%})" if r.get("fraction_of_peak") is not None else ""
+    return f"{r['achieved_flops_per_second'] / 1e9:.0f}{share}"
+
+
+def peak_line(peak):
+    """The measured matmul peaks, one sentence."""
+    if not peak:
+        return ""
+    if not peak.get("ok"):
+        return f"The matmul peak measurement failed: {peak.get('error')}."
+    rates = ", ".join(f"{d} {v['flops_per_second'] / 1e9:.0f} GFLOP/s" for d, v in peak.items() if isinstance(v, dict))
+    return f"Matmul peak of this machine, measured in this run ({next(v['size'] for v in peak.values() if isinstance(v, dict))}² matrices): {rates}."
+
+
 def markdown(report):
     """The report as Markdown: provenance, targets, the case table, variants, Selective Sharing."""
     rows = []
@@ -45,9 +68,9 @@ def markdown(report):
             rows.append([name, r["num_tasks"], variant_name(r), f"{r['step_seconds'] * 1000:.0f}",
                          f"{r['examples_per_second']:.0f}", _fmt(r.get("ratio_vs_reference"), ".3f"),
                          _fmt(r.get("ratio_vs_plain"), ".3f"), f"{r['peak_rss_mib']:.0f}",
-                         f"{r['train_rss_mib']:.0f}", f"{r['parameters']:,}"])
+                         f"{r['train_rss_mib']:.0f}", f"{r['parameters']:,}", _flop_rate(r)])
         else:
-            rows.append([name, r["num_tasks"], variant_name(r), "failed", r["error"], "", "", "", "", ""])
+            rows.append([name, r["num_tasks"], variant_name(r), "failed", r["error"], "", "", "", "", "", ""])
     lines = ["| target | measured | target | met |", "|---|---|---|---|"]
     for name, t in report["targets"].items():
         lines.append(f"| {name} | {_target_value(t)} | {t['target']} | {_met(t)} |")
@@ -74,7 +97,11 @@ def markdown(report):
             "`× reference` = step time / the plain model's at the same T on the same data (plain_k for "
             "routing_k); `× plain` = / the plain model's on one-task-per-example data. Step time: median "
             "over the timed steps. Peak RSS: the case's process high-water mark (`ru_maxrss`); train "
-            "RSS: the part reached after building the model.",
+            "RSS: the part reached after building the model. GFLOP/s: the convolutions' and dense layers' "
+            "multiply-adds a step needs (forward and backward, `mtl_keras.experiments.efficiency`) per second, "
+            "and in brackets as a share of the matmul peak of the case's compute type.",
+            "",
+            peak_line(report.get("matmul_peak")),
             "",
             markdown_table(rows, CASE_HEADERS),
             "",

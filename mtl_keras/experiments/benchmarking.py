@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 import mtl_keras
-from mtl_keras.experiments import sharing_speed
+from mtl_keras.experiments import efficiency, sharing_speed
 from mtl_keras.experiments.training import build_model
 from mtl_keras.presets import TrainConfig
 from mtl_keras.tasks import Task, TaskSet
@@ -55,6 +55,15 @@ TARGET_ROUTING_OVERHEAD = 0.10  # routing step <= 1.10 x plain at T = 50
 TARGET_TASK_SCALING = 2.0  # routing step at T = 312 <= 2 x at T = 10
 TARGET_SHARING_SLOWDOWN = 0.05  # issue 3: Selective Sharing's collector <= 5% slower at T = 50
 TARGET_COLLECTION_SPEEDUP = 10.0  # issue 3: one-pass collection >= 10x cheaper than per-task tapes at T = 50
+# Issue 10: per-task gradient methods in bounded memory, FAMO at about the plain step's cost.
+GRADIENT_METHOD_CASES = ("w:pcgrad", "w:cagrad")
+TARGET_GRADIENT_METHOD_RSS_MIB = 4096.0  # peak RSS at every T
+TARGET_GRADIENT_METHOD_STEP = 1.2  # step <= 1.2 x T x plain step, at the largest T
+TARGET_FAMO_STEP = 1.2  # w:famo step <= 1.2 x plain step, at every T
+TARGET_ROUTING_EFFICIENCY = 0.5  # routing at T = 50 reaches >= 50% of the float32 matmul peak
+PEAK_DTYPES = ("float32", "bfloat16")
+# The compute type of each precision policy, whose matmul peak a case is measured against.
+PRECISION_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16"}
 
 # Speed hardly depends on these; they stay what docs/BENCHMARKS.md was measured
 # with (the model's and trunk's own defaults then: no head dropout, BN momentum
@@ -85,6 +94,8 @@ class BenchmarkSettings:
             the largest T, collection at 10 and 50 where run, else the smallest T).
         sharing_only: skip the cases, measure Selective Sharing only.
         quick: fewer steps and rounds in the sharing measurements.
+        peak_size: side of the square matrices of the matmul peak
+            measurement (`efficiency.matmul_peak`).
     """
 
     config: TrainConfig
@@ -103,13 +114,14 @@ class BenchmarkSettings:
     sharing_tasks: list = None
     sharing_only: bool = False
     quick: bool = False
+    peak_size: int = 2048
 
     def __post_init__(self):
         # Refused here, in a second: a task count or step count of 0 would
         # otherwise run minutes of cases that measure nothing.
         counts = {"num_tasks": self.num_tasks, "sharing_tasks": self.sharing_tasks or [],
                   "variant_tasks": [self.variant_tasks], "classes": [self.classes], "k": [self.k],
-                  "steps": [self.steps]}
+                  "steps": [self.steps], "peak_size": [self.peak_size]}
         for name, values in counts.items():
             if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
                 raise ValueError(f"{name} ({_flag(name)}) must be whole numbers >= 1, got {values}.")
@@ -311,6 +323,9 @@ def run_case(spec):
         "rss_before_model_mib": rss_before / 1024,
     }
     result["train_rss_mib"] = result["peak_rss_mib"] - result["rss_before_model_mib"]
+    per_example = spec["tasks_per_step"] if spec["data"] == "multi" else 1
+    result["train_flops_per_step"] = efficiency.training_flops_per_step(model, spec["batch_size"], per_example)
+    result["achieved_flops_per_second"] = result["train_flops_per_step"] / step
     if tf.config.list_physical_devices("GPU"):
         result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     return result
@@ -334,7 +349,11 @@ def worker_main(spec_json):
     """Runs one spec and prints its result as a `BENCHMARK_RESULT <json>` line, errors included."""
     spec = json.loads(spec_json)
     try:
-        result = run_sharing(spec) if spec.get("kind") == "sharing" else run_case(spec)
+        kind = spec.get("kind")
+        if kind == "peak":
+            result = {d: efficiency.matmul_peak(d, **spec.get("options", {})) for d in PEAK_DTYPES}
+        else:
+            result = run_sharing(spec) if kind == "sharing" else run_case(spec)
         result["ok"] = True
     except Exception as e:  # reported in the table, the benchmark goes on
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
@@ -409,8 +428,18 @@ def add_ratios(results):
     return results
 
 
+def add_efficiency(results, peak):
+    """Adds `fraction_of_peak` to every successful case: its achieved FLOP rate over the matmul peak
+    of its compute type (float32, or bfloat16 for mixed_bfloat16; none for float16, not measured)."""
+    for r in results:
+        dtype = PRECISION_DTYPE.get(r.get("precision"))
+        if r["ok"] and peak and peak.get("ok") and dtype in peak and "achieved_flops_per_second" in r:
+            r["fraction_of_peak"] = r["achieved_flops_per_second"] / peak[dtype]["flops_per_second"]
+    return results
+
+
 def targets(results):
-    """The issue's two speed targets, from the float32, no-XLA cases."""
+    """The speed targets, from the float32, no-XLA cases."""
     get = {(r["case"], r["num_tasks"]): r for r in results
            if r["ok"] and r["precision"] == "float32" and not r["jit_compile"]}
     out = {}
@@ -424,6 +453,45 @@ def targets(results):
         scaling = get[("routing", hi)]["step_seconds"] / get[("routing", lo)]["step_seconds"]
         out[f"routing_step_T{hi}_over_T{lo}"] = {"value": scaling, "target": f"<= {TARGET_TASK_SCALING:g}x",
                                                  "met": scaling <= TARGET_TASK_SCALING, "kind": "ratio"}
+    out.update(scale_targets(results))
+    if "fraction_of_peak" in get.get(("routing", 50), {}):
+        value = get[("routing", 50)]["fraction_of_peak"]
+        out["routing_fraction_of_float32_peak_T50"] = {
+            "value": value, "target": f">= {TARGET_ROUTING_EFFICIENCY:.0%}", "kind": "fraction",
+            "met": value >= TARGET_ROUTING_EFFICIENCY}
+    return out
+
+
+def scale_targets(results):
+    """Issue 10's targets: gradient methods' memory at every T and step at the largest, FAMO's step.
+
+    A case that failed (killed past the memory limit or the timeout) at some
+    T misses its memory target there.
+    """
+    ok = {(r["case"], r["num_tasks"]): r for r in results
+          if r["ok"] and r["precision"] == "float32" and not r["jit_compile"]}
+    ran = [r for r in results if r["precision"] == "float32" and not r["jit_compile"]]
+    out = {}
+    for case in GRADIENT_METHOD_CASES:
+        mine = sorted((r for r in ran if r["case"] == case), key=lambda r: r["num_tasks"])
+        for r in mine:
+            key = f"{case[2:]}_peak_rss_T{r['num_tasks']}"
+            if r["ok"]:
+                out[key] = {"value": r["peak_rss_mib"], "target": f"<= {TARGET_GRADIENT_METHOD_RSS_MIB:,.0f} MiB",
+                            "met": r["peak_rss_mib"] <= TARGET_GRADIENT_METHOD_RSS_MIB, "kind": "mib"}
+        done = [r for r in mine if r["ok"] and ("plain", r["num_tasks"]) in ok]
+        if done:
+            r = done[-1]
+            t = r["num_tasks"]
+            value = r["step_seconds"] / (t * ok[("plain", t)]["step_seconds"])
+            out[f"{case[2:]}_step_over_T_plain_steps_T{t}"] = {
+                "value": value, "target": f"<= {TARGET_GRADIENT_METHOD_STEP:g}x", "kind": "ratio",
+                "met": value <= TARGET_GRADIENT_METHOD_STEP}
+    for (case, t), r in sorted(ok.items(), key=lambda kv: kv[0][1]):
+        if case == "w:famo" and ("plain", t) in ok:
+            value = r["step_seconds"] / ok[("plain", t)]["step_seconds"]
+            out[f"famo_step_over_plain_T{t}"] = {"value": value, "target": f"<= {TARGET_FAMO_STEP:g}x",
+                                                 "kind": "ratio", "met": value <= TARGET_FAMO_STEP}
     return out
 
 
@@ -499,7 +567,15 @@ def run_benchmark(settings, provenance, log=print):
     with provenance:
         if specs:
             log(f"{len(specs)} cases, each in its own process; T = {settings.num_tasks}")
+        peak = None
+        if specs:
+            # The machine's own peak, in this run, before the cases (in its own process like them).
+            peak = run_in_subprocess({"kind": "peak", "options": {"size": settings.peak_size}}, settings.timeout,
+                                     settings.memory_limit_mib)
+            log("matmul peak: " + (", ".join(f"{d} {peak[d]['flops_per_second'] / 1e9:.0f} GFLOP/s"
+                                              for d in PEAK_DTYPES) if peak.get("ok") else peak.get("error")))
         results = add_ratios(run_cases(specs, settings.timeout, settings.memory_limit_mib, log))
+        add_efficiency(results, peak)
         sharing = None
         if settings.sharing:
             sharing = run_in_subprocess(sharing_spec(settings), settings.timeout * 2, settings.memory_limit_mib)
@@ -512,6 +588,7 @@ def run_benchmark(settings, provenance, log=print):
         "results": results,
         "targets": {**targets(results), **sharing_targets(sharing)},
         "fastest": fastest_variant(results),
+        "matmul_peak": peak,
         "sharing": sharing,
         "provenance": provenance.record,
     }

@@ -3,6 +3,7 @@
 import keras
 
 from mtl_keras.backbones import conv_backbone, vgg_filters
+from mtl_keras.input_checks import check_fraction
 from mtl_keras.model import MultiTaskModel
 from mtl_keras.schedules import WarmupStableDecay
 
@@ -63,13 +64,12 @@ def learning_rate(config, steps_per_epoch=None):
             f"(training steps per epoch); got {steps_per_epoch!r}."
         )
     total = int(config.epochs) * int(steps_per_epoch)
-    if not 0.0 <= config.warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction is a share of the run's steps, in [0, 1); got {config.warmup_fraction!r}.")
-    warmup = min(int(round(config.warmup_fraction * total)), total - 1)
+    share = "a share of the run's training steps."
+    warmup = check_fraction("warmup_fraction", config.warmup_fraction, upper_open=True, meaning=share)
+    warmup = min(int(round(warmup * total)), total - 1)
     if config.lr_schedule == "wsd":
-        if not 0.0 <= config.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction is a share of the run's steps, in [0, 1]; got {config.decay_fraction!r}.")
-        decay = min(int(round(config.decay_fraction * total)), total - warmup)
+        decay = check_fraction("decay_fraction", config.decay_fraction, meaning=share)
+        decay = min(int(round(decay * total)), total - warmup)
         return WarmupStableDecay(config.lr, total_steps=total, warmup_steps=warmup, decay_steps=decay)
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else config.lr, decay_steps=total - warmup,

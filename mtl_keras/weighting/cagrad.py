@@ -5,8 +5,9 @@ from keras import ops
 
 from mtl_keras.weighting.base import EqualWeighting, register_weighting
 from mtl_keras.weighting.task_gradients import check_every_n_steps as _check_every
+from mtl_keras.weighting.task_gradients import DEFAULT_TASK_CHUNK_SIZE, combined_trunk_gradients
 from mtl_keras.weighting.task_gradients import check_per_task_gradients as _check_route
-from mtl_keras.weighting.task_gradients import combined_trunk_gradients
+from mtl_keras.weighting.task_gradients import check_task_chunk_size as _check_chunk
 
 
 def cagrad_weights(gram, present, c=0.4, steps=250, step_size=8.0):
@@ -105,7 +106,7 @@ class CAGrad(EqualWeighting):
 
     Cost: per-task gradients of the trunk *weights* (computed as for
     `PCGrad`, see `per_task_gradients`: about 2-3x the step time of `equal`
-    with `"grouped"`, about T times with `"jacobian"`), `T x N` memory (N =
+    with `"grouped"`, about `min(T, pairs)` times with `"jacobian"`), `T x N` memory (N =
     trunk parameters), a `T x T` Gram matrix (`O(T^2 N)`) and a
     T-dimensional solve (`O(solver_steps T^2)`).
 
@@ -120,6 +121,8 @@ class CAGrad(EqualWeighting):
         every_n_steps: how often to use CAGrad's direction (1 = always).
         per_task_gradients: `"auto"`, `"grouped"` or `"jacobian"` (see
             `mtl_keras.weighting.task_gradients`).
+        task_chunk_size: with `"jacobian"`, tasks whose backward passes run
+            vectorised at once (default 8; see `PCGrad`).
 
     Example:
 
@@ -129,7 +132,8 @@ class CAGrad(EqualWeighting):
     needs_task_gradients = True
 
     def __init__(
-        self, c=0.4, rescale=True, solver_steps=250, every_n_steps=1, per_task_gradients="auto", **kwargs
+        self, c=0.4, rescale=True, solver_steps=250, every_n_steps=1, per_task_gradients="auto",
+        task_chunk_size=DEFAULT_TASK_CHUNK_SIZE, **kwargs
     ):
         super().__init__(**kwargs)
         if c < 0:
@@ -139,13 +143,15 @@ class CAGrad(EqualWeighting):
         self.solver_steps = int(solver_steps)
         self.every_n_steps = _check_every(every_n_steps)
         self.per_task_gradients = _check_route(per_task_gradients)
+        self.task_chunk_size = _check_chunk(task_chunk_size)
 
     def compute_gradients(self, tape, objective, variables, step):
         def combine(grads, present):
             return cagrad_combine(grads, present, self.c, self.rescale, self.solver_steps)
 
         return combined_trunk_gradients(
-            tape, objective, variables, step, combine, self.every_n_steps, self.per_task_gradients
+            tape, objective, variables, step, combine, self.every_n_steps, self.per_task_gradients,
+            self.task_chunk_size,
         )
 
     def get_config(self):
@@ -156,4 +162,5 @@ class CAGrad(EqualWeighting):
             "solver_steps": self.solver_steps,
             "every_n_steps": self.every_n_steps,
             "per_task_gradients": self.per_task_gradients,
+            "task_chunk_size": self.task_chunk_size,
         }

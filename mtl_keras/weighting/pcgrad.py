@@ -5,8 +5,9 @@ from keras import ops
 
 from mtl_keras.weighting.base import EqualWeighting, register_weighting
 from mtl_keras.weighting.task_gradients import check_every_n_steps as _check_every
+from mtl_keras.weighting.task_gradients import DEFAULT_TASK_CHUNK_SIZE, combined_trunk_gradients
 from mtl_keras.weighting.task_gradients import check_per_task_gradients as _check_route
-from mtl_keras.weighting.task_gradients import combined_trunk_gradients
+from mtl_keras.weighting.task_gradients import check_task_chunk_size as _check_chunk
 
 
 def pcgrad_combine(grads, present, seed=0, iteration=0):
@@ -85,7 +86,8 @@ class PCGrad(EqualWeighting):
       dropout): one extra forward + backward pass over per-task sub-batches,
       about 2-3x the step time of `equal` whatever T;
     - `"jacobian"` (the `"auto"` choice otherwise; exact with batch norm):
-      T backward passes batched in one vectorised Jacobian, about T times.
+      one backward pass per task with a pair in the batch, vectorised
+      `task_chunk_size` tasks at a time, about `min(T, pairs)` times.
 
     With `every_n_steps = k > 1`, only every k-th step (by optimizer
     iteration) pays for the per-task gradients; the others take the plain
@@ -96,6 +98,9 @@ class PCGrad(EqualWeighting):
         every_n_steps: how often to do the gradient surgery (1 = always,
             the paper).
         per_task_gradients: `"auto"`, `"grouped"` or `"jacobian"`.
+        task_chunk_size: with `"jacobian"`, tasks whose backward passes run
+            vectorised at once (default 8): peak memory grows with it, not
+            with T; None vectorises all tasks at once.
 
     Example:
 
@@ -104,18 +109,23 @@ class PCGrad(EqualWeighting):
 
     needs_task_gradients = True
 
-    def __init__(self, seed=0, every_n_steps=1, per_task_gradients="auto", **kwargs):
+    def __init__(
+        self, seed=0, every_n_steps=1, per_task_gradients="auto",
+        task_chunk_size=DEFAULT_TASK_CHUNK_SIZE, **kwargs
+    ):
         super().__init__(**kwargs)
         self.seed = int(seed)
         self.every_n_steps = _check_every(every_n_steps)
         self.per_task_gradients = _check_route(per_task_gradients)
+        self.task_chunk_size = _check_chunk(task_chunk_size)
 
     def compute_gradients(self, tape, objective, variables, step):
         def combine(grads, present):
             return pcgrad_combine(grads, present, self.seed, step.iteration)
 
         return combined_trunk_gradients(
-            tape, objective, variables, step, combine, self.every_n_steps, self.per_task_gradients
+            tape, objective, variables, step, combine, self.every_n_steps, self.per_task_gradients,
+            self.task_chunk_size,
         )
 
     def get_config(self):
@@ -124,4 +134,5 @@ class PCGrad(EqualWeighting):
             "seed": self.seed,
             "every_n_steps": self.every_n_steps,
             "per_task_gradients": self.per_task_gradients,
+            "task_chunk_size": self.task_chunk_size,
         }

@@ -14,10 +14,11 @@ ways pull those T cotangents back to the trunk's weights:
   when the trunk treats examples independently in training: no batch
   normalisation (whose batch statistics couple the examples) and no dropout
   (which would draw new masks).
-- `"jacobian"` (`trunk_task_gradients`): T backward passes of the whole
-  batch, batched into one `tape.jacobian(..., experimental_use_pfor=True)`
-  of the recorded forward pass: exact for any trunk (batch norm included),
-  but about T times a backward pass.
+- `"jacobian"` (`trunk_task_gradients`): one backward pass of the whole
+  batch per task with a pair in it (`K = min(T, pairs)` of them), batched
+  into a vectorised `tape.jacobian` of the recorded forward pass, `chunk`
+  tasks at a time: exact for any trunk (batch norm included), about K
+  times a backward pass, and memory that grows with the chunk, not with T.
 
 `"auto"` picks `"grouped"` when the trunk has no batch normalisation or
 dropout layer, else `"jacobian"`; asking for `"grouped"` on such a trunk is
@@ -44,6 +45,10 @@ from keras import ops
 from mtl_keras.distribute import all_reduce_sum
 
 PER_TASK_GRADIENTS = ("auto", "grouped", "jacobian")
+# Tasks whose backward passes the "jacobian" route vectorises at once: the
+# default trunk's batch of 128 needs roughly 150 MiB per task in flight, so
+# 8 keeps per-task gradients near a GiB whatever T (docs/BENCHMARKS.md).
+DEFAULT_TASK_CHUNK_SIZE = 8
 
 
 def check_every_n_steps(every_n_steps):
@@ -77,12 +82,23 @@ def task_feature_gradients(feature_grads, task_ids, num_tasks):
     return onehot[:, :, None] * feature_grads[None]
 
 
-def trunk_task_gradients(tape, features, feature_grads, task_ids, num_tasks, shared_variables):
+def trunk_task_gradients(
+    tape, features, feature_grads, task_ids, num_tasks, shared_variables, chunk_size=None
+):
     """Per-task gradients of the trunk variables, flattened: `[T, N]` (this replica's share).
 
-    Cost: T backward passes through the trunk, run as one vectorised
-    Jacobian; memory `T x N` floats (N = trunk parameters) plus the batched
-    backward's activations, `T x` those of one backward pass.
+    Only the tasks with a pair on this replica are differentiated (the
+    others' rows are zero: their cotangents are), so the work is
+    `K = min(T, pairs)` backward passes, not T. They run as one vectorised
+    Jacobian of the recorded forward pass, `chunk_size` tasks at a time:
+    `tape.jacobian(..., parallel_iterations=chunk_size)` vectorises each
+    chunk and loops over the chunks one after another, so the batched
+    backward's activations are those of `chunk_size` backward passes, not
+    K. The result is the same for every chunk size (up to float rounding).
+
+    Cost: `K` backward passes through the trunk; memory `T x N` floats
+    (N = trunk parameters) plus `min(chunk_size, K)` times the activations
+    of one backward pass.
 
     Args:
         tape: a persistent tape that recorded `features` from the variables.
@@ -92,18 +108,25 @@ def trunk_task_gradients(tape, features, feature_grads, task_ids, num_tasks, sha
         task_ids: `[P]` int32.
         num_tasks: T.
         shared_variables: the trunk's trainable variables.
+        chunk_size: tasks per vectorised chunk (None: all at once).
     """
-    cotangents = ops.stop_gradient(task_feature_gradients(feature_grads, task_ids, num_tasks))
+    local_tasks = tf.unique(task_ids).y  # [K], the tasks with a pair here
+    rows = ops.cast(ops.equal(local_tasks[:, None], task_ids[None, :]), feature_grads.dtype)  # [K, P]
+    cotangents = ops.stop_gradient(rows[:, :, None] * feature_grads[None])
     with tape:
-        # Row t of this vector has gradient J^T cotangent_t w.r.t. the trunk.
-        probes = ops.einsum("pd,tpd->t", ops.cast(features, cotangents.dtype), cotangents)
-    jac = tape.jacobian(
-        probes,
-        list(shared_variables),
-        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        experimental_use_pfor=True,
-    )
-    return ops.concatenate([ops.reshape(j, (num_tasks, -1)) for j in jac], axis=1)
+        # Entry k of this vector has gradient J^T cotangent_k w.r.t. the trunk.
+        probes = ops.einsum("pd,kpd->k", ops.cast(features, cotangents.dtype), cotangents)
+    shared_variables = list(shared_variables)
+    if chunk_size == 1:
+        # pfor needs chunks of 2 or more; one task at a time is a plain loop.
+        jac = tape.jacobian(probes, shared_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                            parallel_iterations=1, experimental_use_pfor=False)
+    else:
+        jac = tape.jacobian(probes, shared_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                            parallel_iterations=chunk_size, experimental_use_pfor=True)
+    local = ops.concatenate([ops.reshape(j, (ops.shape(local_tasks)[0], -1)) for j in jac], axis=1)
+    n_shared = sum(int(np.prod(v.shape)) for v in shared_variables)
+    return tf.scatter_nd(local_tasks[:, None], local, [num_tasks, n_shared])
 
 
 def example_coupling_layers(backbone):
@@ -118,6 +141,18 @@ def example_coupling_layers(backbone):
         keras.layers.AlphaDropout,
     )
     return [l for l in backbone._flatten_layers(include_self=False) if isinstance(l, kinds)]
+
+
+def check_task_chunk_size(chunk_size):
+    """Validates a gradient method's `task_chunk_size` (a positive int, or None for all tasks at once)."""
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"task_chunk_size must be a positive int (tasks whose per-task gradients are computed "
+            f"at once; smaller = less memory) or None (all at once), got {chunk_size!r}."
+        )
+    return chunk_size
 
 
 def check_per_task_gradients(route):
@@ -218,7 +253,8 @@ def unflatten(flat, variables):
 
 
 def combined_trunk_gradients(
-    tape, objective, variables, step, combine_fn, every_n_steps=1, per_task_gradients="auto"
+    tape, objective, variables, step, combine_fn, every_n_steps=1, per_task_gradients="auto",
+    task_chunk_size=DEFAULT_TASK_CHUNK_SIZE,
 ):
     """Gradients where the trunk's come from `combine_fn` of the per-task ones.
 
@@ -238,6 +274,8 @@ def combined_trunk_gradients(
         every_n_steps: how often to combine per-task gradients.
         per_task_gradients: `"auto"`, `"grouped"` or `"jacobian"` (see the
             module docstring).
+        task_chunk_size: with `"jacobian"`, how many tasks' backward passes
+            run vectorised at once (memory grows with it; None: all).
 
     Returns:
         A list of gradients aligned with `variables`.
@@ -267,7 +305,9 @@ def combined_trunk_gradients(
                 step.features_fn, step.pairs.images, step.pairs.rows,
                 step.pairs.task_ids, cotangents, num_tasks, shared_list,
             )
-        return trunk_task_gradients(tape, features, cotangents, step.pairs.task_ids, num_tasks, shared_list)
+        return trunk_task_gradients(
+            tape, features, cotangents, step.pairs.task_ids, num_tasks, shared_list, task_chunk_size
+        )
 
     def combined(per_task):
         return unflatten(combine_fn(per_task, present) / step.num_replicas, shared_list)

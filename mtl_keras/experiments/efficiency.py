@@ -1,0 +1,116 @@
+"""How close a training step comes to what the machine can do: its FLOPs, counted, against a measured peak.
+
+The peak is this machine's own: the best rate of a large square matmul
+(`matmul_peak`), in float32 and bfloat16, measured in the same run as the
+steps it is compared with. A step's FLOPs are the multiply-adds of its
+convolutions and dense layers (`training_flops_per_step`), forward and
+backward; normalisation, activations, routing masks and the optimizer
+are elementwise and not counted, so the fraction of peak is a lower bound
+of the step's arithmetic efficiency.
+"""
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+BACKWARD_FACTOR = 3
+"""Training FLOPs per forward FLOP: the forward pass, then the gradients of
+every layer's input and of its kernel, each as large as the forward."""
+
+
+def matmul_peak(dtype="float32", size=2048, repeats=5, inner=4):
+    """The machine's best measured matmul rate, in FLOP/s.
+
+    Runs `inner` chained `size x size` matmuls in one traced function,
+    `repeats` times after a warm-up, and keeps the best: the rate the
+    hardware reaches on the most favourable dense work, in this process's
+    threading.
+
+    Args:
+        dtype: `"float32"` or `"bfloat16"` (or any TensorFlow float type).
+        size: the matrices' side; large enough that overheads vanish.
+        repeats: timed runs.
+        inner: matmuls per run.
+
+    Returns:
+        `{"dtype", "size", "flops_per_second", "seconds"}`.
+
+    Example:
+
+    >>> matmul_peak("float32")["flops_per_second"] / 1e9   # GFLOP/s
+    """
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.standard_normal((size, size)) / np.sqrt(size), dtype=dtype)
+    b = tf.constant(rng.standard_normal((size, size)) / np.sqrt(size), dtype=dtype)
+
+    @tf.function
+    def chain(x):
+        for _ in range(inner):
+            x = tf.matmul(x, b)
+        return tf.reduce_sum(tf.cast(x[:1, :1], tf.float32))
+
+    chain(a).numpy()  # trace and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        chain(a).numpy()
+        best = min(best, time.perf_counter() - start)
+    flops = 2.0 * size**3 * inner
+    return {"dtype": str(dtype), "size": size, "flops_per_second": flops / best, "seconds": best}
+
+
+def _forward_flops_per_call(layer):
+    """Multiply-add FLOPs (2 per MAC) of one call of `layer` on one example; 0 for other layers."""
+    if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.Conv2DTranspose):
+        out = layer.output.shape  # (None, H, W, C_out) for channels_last
+        spatial = out[1] * out[2] if layer.data_format == "channels_last" else out[2] * out[3]
+        kh, kw, cin_per_group, cout = layer.kernel.shape
+        return 2 * spatial * kh * kw * cin_per_group * cout
+    if isinstance(layer, keras.layers.Dense):
+        cin, cout = layer.kernel.shape
+        try:  # a Dense on [B, ..., C] inputs runs once per position
+            positions = int(np.prod(layer.output.shape[1:-1]))
+        except (AttributeError, ValueError):
+            positions = 1
+        return 2 * positions * cin * cout
+    return 0
+
+
+def trunk_forward_flops(backbone):
+    """Forward FLOPs of `backbone` on one example: its `Conv2D` and `Dense` layers' multiply-adds."""
+    return int(sum(_forward_flops_per_call(l) for l in backbone._flatten_layers(include_self=False)))
+
+
+def head_forward_flops(model):
+    """Forward FLOPs of one pair's own head (estimator and output layer), averaged over the tasks."""
+    per_task = []
+    for head in model.heads:
+        layers = list(head.estimator_layers) + [head.output_layer]
+        per_task.append(sum(2 * int(l.kernel.shape[0]) * int(l.kernel.shape[1]) for l in layers))
+    return float(np.mean(per_task))
+
+
+def training_flops_per_step(model, batch_size, tasks_per_example=1):
+    """FLOPs of one training step of a `MultiTaskModel`: what the step needs, not what it wastes.
+
+    The trunk runs once per example, or once per (example, task) pair when
+    it routes and each example has several tasks (as `MultiTaskModel` runs
+    it); each pair goes through its own task's head. Forward FLOPs times
+    `BACKWARD_FACTOR` (3). Work the implementation does beyond that (e.g.
+    every task's output layer applied to every pair) is not counted, so it
+    shows as lost efficiency.
+
+    Args:
+        model: a built `MultiTaskModel`.
+        batch_size: examples per step.
+        tasks_per_example: pairs per example (1 with one task per example).
+
+    Returns:
+        FLOPs (a float).
+    """
+    pairs = batch_size * tasks_per_example
+    trunk_calls = pairs if (model.routed and tasks_per_example > 1) else batch_size
+    forward = trunk_calls * trunk_forward_flops(model.backbone) + pairs * head_forward_flops(model)
+    return float(BACKWARD_FACTOR * forward)
