@@ -35,7 +35,7 @@ from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noq
 from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
 from mtl_keras.experiments.training import build_model  # noqa: E402
 from mtl_keras.export import export_for_serving  # noqa: E402
-from mtl_keras.input_checks import check_fraction, check_sigma, require_one_global_batch  # noqa: E402
+from mtl_keras.input_checks import require_one_global_batch  # noqa: E402
 from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
@@ -63,17 +63,11 @@ def parse_args(argv=None):
                         "uninterrupted one (may be slower)")
     o.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     args = p.parse_args(argv)
-    try:  # refused here, before minutes of data preparation
-        check_sigma(args.sigma)
-        check_fraction("--head-dropout", args.head_dropout, upper_open=True)
-        check_fraction("--warmup-fraction", args.warmup_fraction, upper_open=True)
-        check_fraction("--decay-fraction", args.decay_fraction)
-        check_fraction("--label-smoothing", args.label_smoothing, upper_open=True)
-        if args.sharing != "none" and not args.head_units:
-            raise ValueError(f"--sharing {args.sharing} merges the task heads' estimators, and the heads have "
-                             "none: add --head-units 128 (an estimator of 128 units per task)")
-    except ValueError as e:
-        p.error(str(e))
+    # Refused here, before minutes of data preparation (the ranges of the
+    # config's flags are checked as they are parsed, see mtl_keras.presets).
+    if args.sharing != "none" and not args.head_units:
+        p.error(f"--sharing {args.sharing} merges the task heads' estimators, and the heads have "
+                "none: add --head-units 128 (an estimator of 128 units per task)")
     return args
 
 

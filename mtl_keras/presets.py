@@ -27,9 +27,10 @@ SHARING_RULES = ("none", "similarity", "variance")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
-def _option(default, help, group, choices=None, positive=False, nonnegative=False):
+def _option(default, help, group, choices=None, positive=False, nonnegative=False, fraction=None):
+    # fraction: "closed" for a value in [0, 1], "open" for [0, 1) (refused at parse time).
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, "positive": positive,
-                                            "nonnegative": nonnegative})
+                                            "nonnegative": nonnegative, "fraction": fraction})
 
 
 def _weightings():
@@ -59,14 +60,15 @@ class TrainConfig:
     augment_scale: float = _option(0.0, "training augmentation: largest random change of size, relative "
                                    "(0: none)", "data", nonnegative=True)
     # model
-    sigma: float = _option(0.5, "sharing ratio: 1 = fully shared, 0 = a sub-network per task", "model")
+    sigma: float = _option(0.5, "sharing ratio: 1 = fully shared, 0 = a sub-network per task", "model",
+                           fraction="closed")
     routing_mode: str = _option("partition", "how routing masks are drawn from sigma", "model", ROUTING_MODES)
     width: int = _option(32, "filters of the first conv block (doubled per block)", "model", positive=True)
     depth: int = _option(4, "number of conv blocks", "model", positive=True)
     head_units: typing.Tuple[int, ...] = _option((), "estimator widths of each task head (none: each head is "
                                                  "one output layer; Selective Sharing needs an estimator, "
                                                  "e.g. --head-units 128)", "model")
-    head_dropout: float = _option(0.0, "dropout after each head estimator layer", "model")
+    head_dropout: float = _option(0.0, "dropout after each head estimator layer", "model", fraction="open")
     bn_momentum: float = _option(0.99, "batch-norm momentum of the moving statistics", "model")
     weighting: str = _option("equal", "loss weighting / gradient method (mtl_keras.weighting)", "model", _weightings)
     sharing: str = _option("none", "Selective Sharing rule that merges task heads during training",
@@ -80,11 +82,11 @@ class TrainConfig:
                                "after a linear warm-up); wsd (warm-up, the peak held, linear decay to 0 over the "
                                "last --decay-fraction of the run)", "training", LR_SCHEDULES)
     warmup_fraction: float = _option(0.03, "share of the run's steps of linear learning-rate warm-up (cosine, "
-                                     "wsd)", "training", nonnegative=True)
+                                     "wsd)", "training", fraction="open")
     decay_fraction: float = _option(0.2, "share of the run's steps, at its end, of linear decay to 0 (wsd)",
-                                    "training", nonnegative=True)
+                                    "training", fraction="closed")
     label_smoothing: float = _option(0.1, "label smoothing of the classification losses", "training",
-                                     nonnegative=True)
+                                     fraction="open")
     seed: int = _option(0, "seeds weights, routing masks and shuffling", "training")
     jit_compile: bool = _option(False, "XLA-compile the train step (slower on CPU, see docs/BENCHMARKS.md)",
                                 "training")
@@ -157,6 +159,19 @@ def _bounded(kind, allow_zero=False):
     return parse
 
 
+def _fraction(flag, upper_open):
+    def parse(text):
+        # Imported when a flag is parsed: input_checks needs TensorFlow.
+        from mtl_keras.input_checks import check_fraction, check_sigma
+
+        try:
+            value = float(text)
+            return check_sigma(value) if flag == "--sigma" else check_fraction(flag, value, upper_open=upper_open)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if "must be" in str(e) else f"must be a number, got {text}")
+    return parse
+
+
 def add_config_arguments(parser, preset="default", groups=("data", "model", "training"), exclude=()):
     """Adds a flag for each `TrainConfig` field of `groups`, defaulting to `preset`'s value.
 
@@ -192,6 +207,9 @@ def add_config_arguments(parser, preset="default", groups=("data", "model", "tra
         elif meta["choices"]:
             choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
             section.add_argument(name, choices=choices, default=default, help=help_text)
+        elif meta["fraction"]:
+            section.add_argument(name, type=_fraction(name, meta["fraction"] == "open"), default=default,
+                                 help=help_text)
         elif meta["positive"] or meta["nonnegative"]:
             section.add_argument(name, type=_bounded(kind, allow_zero=meta["nonnegative"]), default=default,
                                  help=help_text)

@@ -39,7 +39,8 @@ def test_groups_and_exclusions_keep_the_preset_value():
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--image-size", "0"],
                                   ["--batch-size", "-4"], ["--routing-mode", "x"], ["--weighting", "nope"],
                                   ["--augment-shift", "-0.1"], ["--label-smoothing", "nan"],
-                                  ["--warmup-fraction", "-1"], ["--lr-schedule", "step"]])
+                                  ["--warmup-fraction", "-1"], ["--lr-schedule", "step"], ["--sigma", "2"],
+                                  ["--head-dropout", "1"], ["--decay-fraction", "x"]])
 def test_bad_values_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         _parse(argv)
