@@ -15,6 +15,7 @@ memory of:
 - plain_k      plain model on several-tasks-per-example data, k tasks per step
 - routing_k    Task Routing on the same data, each example routed through k of its tasks
 - w:<name>     Task Routing, one task per example, with each registered weighting method
+               (with arguments: w:<name>:<argument>=<value>, e.g. w:famo:loss_after_update=next_batch)
 
 at T in {10, 50, 100, 312} tasks, reported as ratios of step time against
 the plain model at the same T (routing_k against plain_k, same data). Each

@@ -20,6 +20,7 @@ from mtl_keras.experiments.benchmarking import (
     sharing_spec,
     sharing_targets,
     targets,
+    weighting_of_case,
     worker_main,
 )
 from mtl_keras.experiments.provenance import RunProvenance, describe
@@ -122,6 +123,11 @@ def test_issue_10_targets_judge_memory_at_every_t_and_steps_against_the_plain_mo
     assert not any(k.startswith("cagrad") for k in found)  # a killed case has no figure
     assert found["famo_step_over_plain_T50"]["met"] is True and found["famo_step_over_plain_T312"]["met"] is False
     assert {k for k in found} <= set(targets(results))
+    # A weighting with arguments is a case of its own, judged like the others.
+    assert weighting_of_case("w:famo:loss_after_update=next_batch") == ("famo", {"loss_after_update": "next_batch"})
+    assert weighting_of_case("routing") == (None, {})
+    lazy = scale_targets(results + [_fake("w:famo:loss_after_update=next_batch", 50, 0.1)])
+    assert lazy["famo:loss_after_update=next_batch_step_over_plain_T50"]["met"] is True
     md = markdown({"command": "c", "machine": "m", "setup": "s", "results": results, "targets": found,
                    "fastest": {}, "sharing": None, "provenance": FAKE_PROVENANCE})
     assert "| pcgrad_peak_rss_T312 | 5,000 MiB | <= 4,096 MiB | NO |" in md

@@ -44,7 +44,7 @@ from mtl_keras.experiments import efficiency, sharing_speed
 from mtl_keras.experiments.training import build_model
 from mtl_keras.presets import TrainConfig
 from mtl_keras.tasks import Task, TaskSet
-from mtl_keras.weighting import available_weightings
+from mtl_keras.weighting import available_weightings, get_weighting
 
 FULL_TASKS = [10, 50, 100, 312]
 QUICK_TASKS = [10, 50]
@@ -177,7 +177,8 @@ def case_spec(settings, case, num_tasks, precision="float32", jit_compile=False)
         "case": case,
         "num_tasks": num_tasks,
         "sigma": 1.0 if case.startswith("plain") else c.sigma,
-        "weighting": case[2:] if case.startswith("w:") else None,
+        "weighting": weighting_of_case(case)[0],
+        "weighting_kwargs": weighting_of_case(case)[1],
         "data": "multi" if multi else "per_example",
         "tasks_per_step": min(settings.k, num_tasks) if multi else 1,
         "precision": precision,
@@ -194,6 +195,17 @@ def case_spec(settings, case, num_tasks, precision="float32", jit_compile=False)
     }
 
 
+def weighting_of_case(case):
+    """`"w:famo:loss_after_update=next_batch"` -> `("famo", {"loss_after_update": "next_batch"})`;
+    `(None, {})` for the cases without a weighting of their own."""
+    if not case.startswith("w:"):
+        return None, {}
+    from mtl_keras.experiments.comparison import parse_options
+
+    name, _, options = case[2:].partition(":")
+    return name, parse_options(options, case)
+
+
 def plan(settings):
     """The case specs of a run: every case at every T, then the variants."""
     if settings.sharing_only:
@@ -201,8 +213,9 @@ def plan(settings):
     cases = settings.cases or BASE_CASES + [f"w:{w}" for w in available_weightings() if w != "equal"]
     for c in cases:
         if c not in BASE_CASES and not c.startswith("w:"):
-            raise ValueError(f"Unknown case {c!r}: use plain, routing, plain_k, routing_k or w:<weighting>.")
-        if c.startswith("w:") and c[2:] not in available_weightings():
+            raise ValueError(f"Unknown case {c!r}: use plain, routing, plain_k, routing_k or "
+                             "w:<weighting>[:<argument>=<value>...].")
+        if c.startswith("w:") and weighting_of_case(c)[0] not in available_weightings():
             raise ValueError(f"Unknown weighting in case {c!r}; available: {available_weightings()}.")
     specs = [case_spec(settings, c, t) for t in settings.num_tasks for c in cases]
     if settings.variants:
@@ -279,7 +292,8 @@ def run_case(spec):
     rss_before = _rss_kib()
     tasks = TaskSet([Task(f"task_{i}", "multiclass", spec["classes"]) for i in range(spec["num_tasks"])])
     size = spec["image_size"]
-    model = build_model(model_config(spec), tasks, (size, size, 1), weighting=spec["weighting"],
+    weighting = spec["weighting"] and get_weighting(spec["weighting"], **spec.get("weighting_kwargs", {}))
+    model = build_model(model_config(spec), tasks, (size, size, 1), weighting=weighting,
                         tasks_per_step=spec["tasks_per_step"], seed=0)
     warmup, steps = spec["warmup"], spec["steps"]
 
@@ -488,10 +502,10 @@ def scale_targets(results):
                 "value": value, "target": f"<= {TARGET_GRADIENT_METHOD_STEP:g}x", "kind": "ratio",
                 "met": value <= TARGET_GRADIENT_METHOD_STEP}
     for (case, t), r in sorted(ok.items(), key=lambda kv: kv[0][1]):
-        if case == "w:famo" and ("plain", t) in ok:
+        if case.startswith("w:famo") and ("plain", t) in ok:
             value = r["step_seconds"] / ok[("plain", t)]["step_seconds"]
-            out[f"famo_step_over_plain_T{t}"] = {"value": value, "target": f"<= {TARGET_FAMO_STEP:g}x",
-                                                 "kind": "ratio", "met": value <= TARGET_FAMO_STEP}
+            out[f"{case[2:]}_step_over_plain_T{t}"] = {"value": value, "target": f"<= {TARGET_FAMO_STEP:g}x",
+                                                       "kind": "ratio", "met": value <= TARGET_FAMO_STEP}
     return out
 
 

@@ -65,7 +65,7 @@ def sharing_rules():
     return list(sharing.available_rules())
 
 
-def _options(text, name):
+def parse_options(text, name):
     """`"every_n_steps=8:seed=1"` -> `{"every_n_steps": 8, "seed": 1}`."""
     out = {}
     for item in filter(None, text.split(":")):
@@ -120,10 +120,10 @@ def parse_config(name, weightings=None, rules=None):
         method, _, options = part.partition(":")
         if method in weightings and config["weighting"] is None:
             config["weighting"] = method
-            config["weighting_kwargs"] = _options(options, name)
+            config["weighting_kwargs"] = parse_options(options, name)
         elif method in rules and config["sharing"] is None:
             config["sharing"] = method
-            config["sharing_kwargs"] = _options(options, name)
+            config["sharing_kwargs"] = parse_options(options, name)
         else:
             known = ["stl", "hard", "tr<sigma>"] + weightings + rules
             hint = ""
