@@ -69,19 +69,6 @@ def split_shared(variables, shared_variables):
     return shared, others
 
 
-def task_feature_gradients(feature_grads, task_ids, num_tasks):
-    """Each task's gradient w.r.t. the pairs' features, `[T, P, D]`.
-
-    Args:
-        feature_grads: `[P, D]` gradient of a sum of task losses w.r.t. the
-            features (row p belongs to the loss of pair p's task only).
-        task_ids: `[P]` int32.
-        num_tasks: T.
-    """
-    onehot = ops.transpose(ops.one_hot(task_ids, num_tasks, dtype=feature_grads.dtype))
-    return onehot[:, :, None] * feature_grads[None]
-
-
 def trunk_task_gradients(
     tape, features, feature_grads, task_ids, num_tasks, shared_variables, chunk_size=None
 ):
