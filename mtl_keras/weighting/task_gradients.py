@@ -45,9 +45,10 @@ from keras import ops
 from mtl_keras.distribute import all_reduce_sum
 
 PER_TASK_GRADIENTS = ("auto", "grouped", "jacobian")
-# Tasks whose backward passes the "jacobian" route vectorises at once: the
-# default trunk's batch of 128 needs roughly 150 MiB per task in flight, so
-# 8 keeps per-task gradients near a GiB whatever T (docs/BENCHMARKS.md).
+# Tasks whose backward passes the "jacobian" route vectorises at once: with
+# 8, per-task gradients of the benchmark model (batch 128) take 0.6-1.0 GiB
+# above the plain model's memory at every T from 10 to 312; all at once, 50
+# tasks took 7 GiB (docs/BENCHMARKS.md).
 DEFAULT_TASK_CHUNK_SIZE = 8
 
 
