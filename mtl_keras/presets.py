@@ -21,16 +21,19 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from mtl_keras.setting_checks import check_fraction, check_sigma
+
 ROUTING_MODES = ("partition", "independent")
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 SHARING_RULES = ("none", "similarity", "variance")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
-def _option(default, help, group, choices=None, positive=False, nonnegative=False, fraction=None):
-    # fraction: "closed" for a value in [0, 1], "open" for [0, 1) (refused at parse time).
+def _option(default, help, group, choices=None, positive=False, nonnegative=False, fraction=None, check=None):
+    # fraction: "closed" for a value in [0, 1], "open" for [0, 1) (refused at parse time);
+    # check: the field's own check of a fraction (its wording), instead of check_fraction's.
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, "positive": positive,
-                                            "nonnegative": nonnegative, "fraction": fraction})
+                                            "nonnegative": nonnegative, "fraction": fraction, "check": check})
 
 
 def _weightings():
@@ -61,7 +64,7 @@ class TrainConfig:
                                    "(0: none)", "data", nonnegative=True)
     # model
     sigma: float = _option(0.5, "sharing ratio: 1 = fully shared, 0 = a sub-network per task", "model",
-                           fraction="closed")
+                           fraction="closed", check=check_sigma)
     routing_mode: str = _option("partition", "how routing masks are drawn from sigma", "model", ROUTING_MODES)
     width: int = _option(32, "filters of the first conv block (doubled per block)", "model", positive=True)
     depth: int = _option(4, "number of conv blocks", "model", positive=True)
@@ -159,14 +162,11 @@ def _bounded(kind, allow_zero=False):
     return parse
 
 
-def _fraction(flag, upper_open):
+def _fraction(flag, upper_open, check=None):
     def parse(text):
-        # Imported when a flag is parsed: input_checks needs TensorFlow.
-        from mtl_keras.input_checks import check_fraction, check_sigma
-
         try:
             value = float(text)
-            return check_sigma(value) if flag == "--sigma" else check_fraction(flag, value, upper_open=upper_open)
+            return check(value) if check else check_fraction(flag, value, upper_open=upper_open)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e) if "must be" in str(e) else f"must be a number, got {text}")
     return parse
@@ -208,8 +208,8 @@ def add_config_arguments(parser, preset="default", groups=("data", "model", "tra
             choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
             section.add_argument(name, choices=choices, default=default, help=help_text)
         elif meta["fraction"]:
-            section.add_argument(name, type=_fraction(name, meta["fraction"] == "open"), default=default,
-                                 help=help_text)
+            parse = _fraction(name, meta["fraction"] == "open", meta["check"])
+            section.add_argument(name, type=parse, default=default, help=help_text)
         elif meta["positive"] or meta["nonnegative"]:
             section.add_argument(name, type=_bounded(kind, allow_zero=meta["nonnegative"]), default=default,
                                  help=help_text)

@@ -184,12 +184,13 @@ def test_worker_reports_errors_instead_of_crashing(capsys):
 
 
 def test_cases_run_in_subprocesses_and_the_report_is_written(tmp_path):
-    settings = tiny(num_tasks=[3], cases=["plain", "routing", "plain_k", "routing_k"], k=2, variants=False,
-                    sharing=False)
-    argv = ["--num-tasks", "3", "--cases", "plain,routing,plain_k,routing_k", "-k", "2"]
+    # Each case is a subprocess (TensorFlow's start-up each time): the
+    # reference and the routed k-task case cover every code path.
+    settings = tiny(num_tasks=[3], cases=["plain", "routing_k"], k=2, variants=False, sharing=False)
+    argv = ["--num-tasks", "3", "--cases", "plain,routing_k", "-k", "2"]
     report = run_benchmark(settings, RunProvenance(argv, program="apps/benchmark.py"), log=lambda line: None)
     write_report(report, tmp_path)
-    assert [r["case"] for r in report["results"]] == ["plain", "routing", "plain_k", "routing_k"]
+    assert [r["case"] for r in report["results"]] == ["plain", "routing_k"]
     for r in report["results"]:
         assert r["ok"], r.get("error")
         assert r["step_seconds"] > 0 and r["examples_per_second"] > 0
@@ -202,16 +203,16 @@ def test_cases_run_in_subprocesses_and_the_report_is_written(tmp_path):
             r["train_flops_per_step"] / r["step_seconds"] / report["matmul_peak"]["float32"]["flops_per_second"])
         assert 0 < r["fraction_of_peak"] < 1
     assert by["routing_k"]["pairs_per_second"] == pytest.approx(2 * by["routing_k"]["examples_per_second"])
-    assert by["routing"]["parameters"] > by["plain"]["parameters"]  # + the routing masks
+    assert by["routing_k"]["parameters"] > by["plain"]["parameters"]  # + the routing masks
 
     saved = json.loads((tmp_path / "benchmark.json").read_text())
-    assert len(saved["results"]) == 4 and saved["machine"].endswith(f"Keras {__import__('keras').__version__}")
+    assert len(saved["results"]) == 2 and saved["machine"].endswith(f"Keras {__import__('keras').__version__}")
     assert saved["provenance"]["command"] == "python apps/benchmark.py " + " ".join(argv)
     assert len(saved["provenance"]["git_commit"]) == 40 and len(saved["provenance"]["load_average_after"]) == 3
     md = (tmp_path / "benchmark.md").read_text()
     assert "| case | T | precision | step (ms) | examples/s | × reference | × plain |" in md
     assert "| routing_k (k=2) | 3 | float32 |" in md
-    assert "--cases plain,routing,plain_k,routing_k" in md
+    assert "--cases plain,routing_k" in md
     assert "Provenance: commit " in md and "quiet machine" not in md
     assert "Matmul peak of this machine, measured in this run (256² matrices): float32 " in md
 

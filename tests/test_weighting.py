@@ -505,7 +505,7 @@ def test_every_method_trains_and_round_trips_through_keras_files(name, tmp_path)
     assert hist["mean_loss"][-1] < hist["mean_loss"][0]
     path = tmp_path / "m.keras"
     model.save(path)
-    loaded = keras.models.load_model(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
     assert type(loaded.weighting) is type(model.weighting)
     assert loaded.weighting.get_config() == model.weighting.get_config()
     for a, b in zip(model.weighting.weights, loaded.weighting.weights):

@@ -173,12 +173,13 @@ def case_spec(settings, case, num_tasks, precision="float32", jit_compile=False)
     """The JSON-able description of one case, all a worker process needs."""
     c = settings.config
     multi = case in ("plain_k", "routing_k")
+    weighting, weighting_kwargs = weighting_of_case(case)
     return {
         "case": case,
         "num_tasks": num_tasks,
         "sigma": 1.0 if case.startswith("plain") else c.sigma,
-        "weighting": weighting_of_case(case)[0],
-        "weighting_kwargs": weighting_of_case(case)[1],
+        "weighting": weighting,
+        "weighting_kwargs": weighting_kwargs,
         "data": "multi" if multi else "per_example",
         "tasks_per_step": min(settings.k, num_tasks) if multi else 1,
         "precision": precision,

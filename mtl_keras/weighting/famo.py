@@ -15,6 +15,11 @@ def masked_softmax(logits, mask):
     return e / ops.maximum(ops.sum(e), 1e-30)
 
 
+def loss_gap(losses, min_losses=0.0, epsilon=1e-8):
+    """Each task loss's distance above its lower bound, `l_t - m_t + eps`, kept positive."""
+    return ops.maximum(losses - min_losses, 0.0) + epsilon
+
+
 def famo_loss_weights(logits, losses, present, min_losses=0.0, epsilon=1e-8):
     """The multipliers of the task losses in FAMO's gradient, `[T]`, summing to 1 over present tasks.
 
@@ -35,8 +40,7 @@ def famo_loss_weights(logits, losses, present, min_losses=0.0, epsilon=1e-8):
         `[T]` weights `a`.
     """
     z = masked_softmax(logits, present)
-    gap = ops.maximum(losses - min_losses, 0.0) + epsilon
-    a = z / gap
+    a = z / loss_gap(losses, min_losses, epsilon)
     return a / ops.maximum(ops.sum(a), 1e-30)
 
 
@@ -141,7 +145,7 @@ class FAMO(Weighting):
         self.last_present = state("last_present")
 
     def _log_gap(self, losses):
-        return ops.log(ops.maximum(losses - self.min_loss, 0.0) + self.epsilon)
+        return ops.log(loss_gap(losses, self.min_loss, self.epsilon))
 
     def combine(self, task_losses, present, task_weights, global_task_losses):
         a = famo_loss_weights(self.logits, ops.stop_gradient(global_task_losses), present,
