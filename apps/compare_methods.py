@@ -6,6 +6,7 @@ accuracy, Δm against single-task learning, parameter count and wall time:
 
     python apps/compare_methods.py                      # docs/RESULTS.md's seed-0 table (~40 min on 2 cores)
     python apps/compare_methods.py --configs stl,hard,tr0.5,tr0.5+pcgrad --tasks 10 --seeds 0 1 2
+    python apps/compare_methods.py --preset default --configs stl --seeds 0 1   # STL at the main app's recipe
 
 Single-task results are cached in --cache-dir per task, keyed by a hash of
 everything they depend on, so later comparisons compute Δm without
@@ -33,20 +34,30 @@ from mtl_keras.reporting import ensure_writable_dir, text_table
 # flags for them would be ignored; routing_mode stays the preset's because the
 # budget line that --reuse matches does not name it.
 NOT_FLAGS = ("sigma", "routing_mode", "weighting", "sharing", "sharing_epoch", "seed", "strategy")
+# docs/RESULTS.md's v0.1 table was made with "comparison" (BN momentum 0.9: the
+# train app's 0.99 needed more steps at v0.1's 12 epochs); "default" is the
+# main app's recipe, for comparisons at it.
+COMPARISON_PRESETS = ("comparison", "default")
 
 
 def parse_args(argv=None):
+    # The preset sets the other flags' defaults, so it is read first.
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=COMPARISON_PRESETS, default="comparison")
+    preset = first.parse_known_args(argv)[0].preset
     p = argparse.ArgumentParser(description=__doc__ + "\n" + CONFIGURATION_GRAMMAR,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=COMPARISON_PRESETS, default="comparison",
+                   help="the recipe every configuration trains with, the defaults of the flags below: "
+                        "comparison (v0.1's recipe with BN momentum 0.9, that of docs/RESULTS.md's v0.1 "
+                        "table) or default (apps/train_omniglot.py's recipe)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"comma-separated configurations (default: {DEFAULT_CONFIGS}); configurations "
                         "whose weighting or sharing rule is not available are skipped with a warning "
                         "when they come from the default list, and are an error when named explicitly")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     add_omniglot_arguments(p)
-    # docs/RESULTS.md was made with this preset's values (BN momentum 0.9: the
-    # train app's 0.99 needs more steps before its moving statistics are usable).
-    add_config_arguments(p, preset="comparison", exclude=NOT_FLAGS)
+    add_config_arguments(p, preset=preset, exclude=NOT_FLAGS)
     stl = SingleTaskBudget()
     p.add_argument("--stl-epochs", type=int, default=stl.epochs, help="most epochs of each single-task model")
     p.add_argument("--stl-batch-size", type=int, default=stl.batch_size,

@@ -23,6 +23,15 @@ def test_default_flags_are_the_budget_of_docs_results():
     assert (args.output, args.reuse, args.reuse_only, args.verbose) == (None, [], False, 1)
 
 
+def test_the_default_preset_gives_the_main_apps_recipe_and_flags_still_win():
+    from mtl_keras.presets import get_preset
+
+    main_recipe = config_from_args(compare_methods.parse_args(["--preset", "default"]))
+    assert main_recipe == get_preset("default").replace(sigma=main_recipe.sigma, weighting=main_recipe.weighting)
+    assert config_from_args(compare_methods.parse_args([])) != main_recipe  # "comparison" stays the default
+    assert config_from_args(compare_methods.parse_args(["--preset", "default", "--epochs", "3"])).epochs == 3
+
+
 def test_smoke(tmp_path):
     result = compare_methods.main([
         "--data-dir", str(omniglot.find_omniglot_dir(archives="small", download=False)), "--archives", "small",
