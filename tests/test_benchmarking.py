@@ -133,11 +133,14 @@ def test_issue_10_targets_judge_memory_at_every_t_and_steps_against_the_plain_mo
     assert "| pcgrad_peak_rss_T312 | 5,000 MiB | <= 4,096 MiB | NO |" in md
 
 
-def test_the_committed_report_still_gives_its_targets():
-    saved = json.loads((DOCS / "benchmarks" / "benchmark.json").read_text())
+@pytest.mark.parametrize("report", ["benchmark.json", "issue10/benchmark.json"])
+def test_the_committed_reports_still_give_their_figures(report):
+    saved = json.loads((DOCS / "benchmarks" / report).read_text())
     found = {**targets(saved["results"]), **sharing_targets(saved["sharing"])}
-    # Targets added after the report was written are computed, not compared.
-    assert {k: v for k, v in found.items() if k in saved["targets"]} == saved["targets"]
+    # Figures added after the report was written are computed, not compared;
+    # a threshold may have moved since (issue 10 tightened the T scaling to 1.5x).
+    assert {k: v["value"] for k, v in found.items() if k in saved["targets"]} == {
+        k: v["value"] for k, v in saved["targets"].items()}
 
 
 def test_plan_covers_every_registered_weighting_and_the_variants():

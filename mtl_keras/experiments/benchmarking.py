@@ -52,7 +52,7 @@ QUICK_STEPS = 3
 BASE_CASES = ["plain", "routing", "plain_k", "routing_k"]
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 TARGET_ROUTING_OVERHEAD = 0.10  # routing step <= 1.10 x plain at T = 50
-TARGET_TASK_SCALING = 2.0  # routing step at T = 312 <= 2 x at T = 10
+TARGET_TASK_SCALING = 1.5  # routing step at T = 312 <= 1.5 x at T = 10 (issue 10; issue 9 had 2)
 TARGET_SHARING_SLOWDOWN = 0.05  # issue 3: Selective Sharing's collector <= 5% slower at T = 50
 TARGET_COLLECTION_SPEEDUP = 10.0  # issue 3: one-pass collection >= 10x cheaper than per-task tapes at T = 50
 # Issue 10: per-task gradient methods in bounded memory, FAMO at about the plain step's cost.
