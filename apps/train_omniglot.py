@@ -40,7 +40,7 @@ from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
 from mtl_keras.reporting import ensure_writable_dir, write_json  # noqa: E402
-from mtl_keras.sharing import SelectiveSharing  # noqa: E402
+from mtl_keras.sharing import selective_sharing  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +108,12 @@ def train_and_export(args, config, strategy, output, started):
     train = epoch_stream(train, steps, start_epoch=resume_epoch(backup_dir) if backup_dir else 0)
     sharing = None
     if config.sharing != "none":
-        sharing = SelectiveSharing(
-            config.sharing, start_epoch=min(config.sharing_epoch, config.epochs), log_dir=str(tensorboard_dir),
-            plot_dir=str(output), backup_dir=backup_dir, seed=config.seed, verbose=int(args.verbose > 0),
+        # The probe is drawn from the validation split the same way on every
+        # worker and in a resumed run, so all of them group on the same evidence.
+        sharing = selective_sharing(
+            config.sharing, validation=data.validation, start_epoch=min(config.sharing_epoch, config.epochs),
+            log_dir=str(tensorboard_dir), plot_dir=str(output), backup_dir=backup_dir, seed=config.seed,
+            verbose=int(args.verbose > 0),
         )
         callbacks.insert(0, sharing)
     if backup_dir:

@@ -25,7 +25,10 @@ from mtl_keras.setting_checks import check_fraction, check_sigma
 
 ROUTING_MODES = ("partition", "independent")
 LR_SCHEDULES = ("constant", "cosine", "wsd")
-SHARING_RULES = ("none", "similarity", "variance")
+# "predictions": the heads' predictions on a probe of validation inputs,
+# through the gate; the rules: the authors' estimator-gradient pipeline
+# (mtl_keras.sharing.named).
+SHARING_RULES = ("none", "predictions", "similarity", "variance")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
@@ -74,7 +77,9 @@ class TrainConfig:
     head_dropout: float = _option(0.0, "dropout after each head estimator layer", "model", fraction="open")
     bn_momentum: float = _option(0.99, "batch-norm momentum of the moving statistics", "model")
     weighting: str = _option("equal", "loss weighting / gradient method (mtl_keras.weighting)", "model", _weightings)
-    sharing: str = _option("none", "Selective Sharing rule that merges task heads during training",
+    sharing: str = _option("none", "Selective Sharing that merges task heads' estimators during training: "
+                           "predictions (heads compared on validation inputs, merged only past the gate) or "
+                           "the authors' gradient rules similarity, variance",
                            "model", SHARING_RULES)
     sharing_epoch: int = _option(2, "epoch at whose end the heads are grouped and merged", "model")
     # training

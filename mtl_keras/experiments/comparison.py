@@ -45,8 +45,10 @@ CONFIGURATION_GRAMMAR = """Configurations (combine with '+'):
     <base>+<W>        weighting method W (mtl_keras.weighting.available_weightings()), e.g. tr0.5+pcgrad
     <W>:<arg>=<value> a weighting with arguments, e.g. pcgrad:every_n_steps=8
     <W>               short for tr0.5+<W>, e.g. uncertainty
-    <base>+<R>        Selective Sharing with grouping rule R, e.g. tr0.5+similarity
-                      (options as for weightings: tr0.5+similarity:threshold=0.3)
+    <base>+<R>        Selective Sharing R: predictions (heads compared on a probe of validation
+                      inputs, through the gate) or a grouping rule of the estimator gradients,
+                      e.g. tr0.5+predictions, tr0.5+similarity (options as for weightings:
+                      tr0.5+similarity:threshold=0.3, tr0.5+predictions:start_epoch=8)
 """
 
 # The configurations of docs/RESULTS.md (PCGrad every 10 steps: its exact
@@ -61,8 +63,8 @@ STL_START_FROM_EPOCH = 5
 
 # ------------------------------------------------------------------ configs
 def sharing_rules():
-    """The grouping rules of Selective Sharing (`mtl_keras.sharing.available_rules()`)."""
-    return list(sharing.available_rules())
+    """The names of Selective Sharing configurations: `"predictions"` and the grouping rules."""
+    return sharing.sharing_names()
 
 
 def parse_options(text, name):
@@ -127,7 +129,7 @@ def parse_config(name, weightings=None, rules=None):
         else:
             known = ["stl", "hard", "tr<sigma>"] + weightings + rules
             hint = ""
-            if method in ("similarity", "variance") and not rules:
+            if method in ("predictions", "similarity", "variance") and not rules:
                 hint = " (Selective Sharing is not available: no grouping rule was accepted)"
             raise ValueError(
                 f"Configuration {name!r}: unknown or repeated part {part!r}{hint}. Known parts: {known}; "
@@ -185,10 +187,10 @@ def image_shape(dataset):
     return tuple(shape)
 
 
-def _sharing_callback(config, seed):
-    """A `SelectiveSharing` callback with the rule and options of `config` (options win)."""
-    kwargs = {"rule": config["sharing"], "seed": seed, "verbose": 0, **config.get("sharing_kwargs", {})}
-    return sharing.SelectiveSharing(**kwargs)
+def _sharing_callback(config, seed, validation):
+    """The `SelectiveSharing` callback of `config` with its options (a probe from `validation`)."""
+    kwargs = {"seed": seed, "verbose": 0, **config.get("sharing_kwargs", {})}
+    return sharing.selective_sharing(config["sharing"], validation=validation, **kwargs)
 
 
 def _batches(dataset):
@@ -217,7 +219,7 @@ def run_mtl(config, data, train_config, seed, verbose=1):
         steps_per_epoch=_batches(data.train),
     )
     params_at_start = model.count_params()
-    callbacks = [_sharing_callback(config, seed)] if config["sharing"] else []
+    callbacks = [_sharing_callback(config, seed, data.validation)] if config["sharing"] else []
     history = model.fit(data.train, validation_data=data.validation, epochs=train_config.epochs,
                         callbacks=callbacks, verbose=2 if verbose == 2 else 0, shuffle=False)
     test_logs = model.evaluate(data.test, return_dict=True, verbose=0)

@@ -7,11 +7,15 @@
   `similarity` / `variance` / user-defined grouping rules.
 - `SelectiveSharing` (`callback.py`): the Keras callback that merges estimators
   during `fit()` and records every merge.
+- `selective_sharing` (`named.py`): the callback by the name the apps'
+  `--sharing` flag gives (`"predictions"`, with its probe from the
+  validation data, or a rule); `probe_inputs` (`probe.py`) draws a probe.
 - `planted_families` (`planted.py`): a synthetic problem with known task
   families, to measure how well groups are recovered.
 """
 
 from mtl_keras.sharing.callback import SelectiveSharing
+from mtl_keras.sharing.probe import DEFAULT_PROBE_SIZE, probe_inputs
 from mtl_keras.sharing.gradients import GradientCollector
 from mtl_keras.sharing.grouping import (
     Clusters,
@@ -29,5 +33,6 @@ from mtl_keras.sharing.grouping import (
     validate_groups,
     variance_rule,
 )
+from mtl_keras.sharing.named import PREDICTIONS, selective_sharing, sharing_names
 from mtl_keras.sharing.planted import PlantedProblem, planted_families, planted_model
 from mtl_keras.sharing.plots import plot_affinity

@@ -256,6 +256,8 @@ class SelectiveSharing(keras.callbacks.Callback):
     # ------------------------------------------------------------- schedule
     @property
     def rule_name(self):
+        if self.signal == "predictions":  # the gate groups; the gradient rule is not used
+            return "predictions+gate"
         return self.rule if isinstance(self.rule, str) else getattr(self.rule, "__name__", "custom")
 
     @property
