@@ -5,9 +5,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mtl_keras.backbones import conv_backbone, routing_layers, vgg_filters  # noqa: E402
-from mtl_keras.layers import TaskHead, TaskHeads, TaskRouting, routing_masks  # noqa: E402
+from mtl_keras.layers import SameConv2D, TaskHead, TaskHeads, TaskRouting, routing_masks  # noqa: E402
 from mtl_keras.metrics import PerTaskMean  # noqa: E402
 from mtl_keras.model import MultiTaskModel  # noqa: E402
+# Registers the learning-rate schedule, so `import mtl_keras` is all that
+# loading a saved model (whose optimizer holds the schedule) needs.
+from mtl_keras.schedules import WarmupStableDecay  # noqa: E402
 from mtl_keras.tasks import Task, TaskSet  # noqa: E402
 
 __version__ = "0.1.0"

@@ -43,3 +43,29 @@ def test_legacy_saved_model_serves_without_mtl_keras_objects():
         image=tf.constant(expected["image"]), task=tf.constant(expected["task"])
     )
     np.testing.assert_allclose(out["logits"].numpy(), expected["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_import_mtl_keras_registers_every_serializable_object():
+    """A saved model loads after `import mtl_keras` alone: every class the package registers is then known."""
+    import importlib
+    import json
+    import os
+    import pkgutil
+    import subprocess
+    import sys
+
+    import keras
+
+    import mtl_keras
+
+    for module in pkgutil.walk_packages(mtl_keras.__path__, "mtl_keras."):
+        importlib.import_module(module.name)
+    registered = sorted(n for n in keras.saving.get_custom_objects() if n.startswith("mtl_keras>"))
+    assert "mtl_keras>WarmupStableDecay" in registered and "mtl_keras>SameConv2D" in registered
+    script = ("import json, sys, keras, mtl_keras\n"
+              "print(json.dumps([n for n in json.loads(sys.argv[1]) if n not in keras.saving.get_custom_objects()]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(registered)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
