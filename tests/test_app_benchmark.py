@@ -8,10 +8,11 @@ from apps import benchmark
 def test_smoke(tmp_path):
     report = benchmark.main([
         "--batch-size", "8", "--image-size", "8", "--width", "4", "--depth", "1", "--head-units", "4",
-        "--classes", "3", "--steps", "2", "--warmup", "1", "--num-tasks", "2", "--cases", "plain,routing",
+        "--classes", "3", "--steps", "2", "--warmup", "1", "--num-tasks", "2", "--cases", "plain",
         "--no-variants", "--sharing-tasks", "2", "--quick", "--output", str(tmp_path),
     ])
-    assert [(r["case"], r["ok"]) for r in report["results"]] == [("plain", True), ("routing", True)]
+    # One case: each runs in its own process (the cases: tests/test_benchmarking.py).
+    assert [(r["case"], r["ok"]) for r in report["results"]] == [("plain", True)]
     assert report["sharing"]["ok"], report["sharing"].get("error")
     assert set(report["sharing"]) == {"ok", "overhead_T2", "collection_vs_naive_T2"}
     assert {"sharing_slowdown_T2", "collection_naive_over_one_pass_T2"} <= set(report["targets"])
