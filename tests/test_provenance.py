@@ -51,3 +51,13 @@ def test_run_directory_and_command(tmp_path):
     assert run_directory("x", output=tmp_path / "given") == tmp_path / "given"
     assert command_line(["--tasks", "a b"], program="apps/train_omniglot.py") == \
         "python apps/train_omniglot.py --tasks 'a b'"
+
+
+def test_many_light_processes_are_not_described_as_a_quiet_machine():
+    record = {"git_commit": "0" * 40, "load_average_before": [2.5, 2, 2], "load_average_after": [3.1, 3, 3],
+              "wall_seconds": 1000.0, "other_processes_cpu_seconds": 400.0, "heavy_processes": []}
+    text = describe(record)
+    assert "together they used 40% of one core on average: the machine was not quiet" in text
+    assert "nothing else heavy" not in text
+    quiet = {**record, "other_processes_cpu_seconds": 20.0}
+    assert "nothing else heavy ran beside it" in describe(quiet)

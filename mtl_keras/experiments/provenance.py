@@ -192,8 +192,19 @@ def is_quiet(record, cores=None):
 def describe(record):
     """One sentence for the docs: commit, load before/after and what else ran."""
     heavy = record.get("heavy_processes") or []
-    beside = ("nothing else heavy ran beside it" if not heavy else
-              "beside it ran " + ", ".join(f"{p['name']} ({p['cpu_seconds']} CPU s)" for p in heavy))
+    wall = max(record.get("wall_seconds") or 0.0, 1e-9)
+    if heavy:
+        beside = "beside it ran " + ", ".join(f"{p['name']} ({p['cpu_seconds']} CPU s)" for p in heavy)
+    elif not is_quiet(record):
+        # Many short processes (a test suite, one-off scripts) are each below
+        # the heavy share, yet together they loaded the machine.
+        share = record.get("other_processes_cpu_seconds", 0.0) / wall
+        beside = (f"no single process was heavy, but together they used {share:.0%} of one core on average: "
+                  "the machine was not quiet")
+    else:
+        beside = "nothing else heavy ran beside it"
+    # Processes that started and ended within the run are not seen at all.
+    beside += " (processes that started and ended during the run are not counted)"
     commit = (record.get("git_commit") or "unknown")[:10] + (" (uncommitted changes)" if record.get("git_dirty") else "")
     return (f"commit {commit}; load average {record['load_average_before'][0]} before, "
             f"{record['load_average_after'][0]} after; other processes used "
