@@ -129,7 +129,7 @@ def test_tables_keep_their_columns_and_number_formats(tmp_path):
     assert "Provenance: commit " in md and "load average" in md and "quiet machine" not in md
 
 
-def test_the_committed_results_are_still_accepted_by_reuse():
+def test_the_committed_results_are_still_accepted_by_reuse(tmp_path):
     # The defaults of the comparison preset and of the single-task
     # budget are the budget docs/RESULTS.md was made with.
     config, stl = get_preset("comparison"), SingleTaskBudget()
@@ -140,8 +140,14 @@ def test_the_committed_results_are_still_accepted_by_reuse():
     assert both[("tr0.5", 0)]["mean_test_accuracy"] == pytest.approx(0.8523, abs=1e-4)
     with pytest.raises(ValueError, match="another budget"):
         load_reused_runs([DOCS / "results"], budget_text(config.replace(epochs=6), 50, [0], stl, "full archives"))
-    with pytest.raises(ValueError, match="no results.json there"):
+    with pytest.raises(ValueError, match=r"no results.json \(or runs.json\) there"):
         load_reused_runs([DOCS], budget_text(config, 50, [0], stl, "full archives"))
+    # A stopped comparison left only runs.json (written after each finished run): its runs are reused.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "runs.json").write_text(json.dumps({"meta": saved["meta"], "runs": saved["runs"][:2]}))
+    assert set(load_reused_runs([stopped], saved["meta"]["budget"])) == {
+        (r["config"], r["seed"]) for r in saved["runs"][:2]}
     # A budget with the newer recipe's parts names them, so it never matches the old runs.
     for change in (dict(lr_schedule="cosine", warmup_fraction=0.05), dict(augment_rotation=10.0),
                    dict(label_smoothing=0.1)):

@@ -340,13 +340,19 @@ def _without_seeds(budget):
 
 
 def load_reused_runs(dirs, budget):
-    """`{(config, seed): run}` from earlier outputs (`results.json`) of the same budget (any seeds)."""
+    """`{(config, seed): run}` from earlier outputs of the same budget (any seeds).
+
+    A finished comparison's `results.json`, or else the `runs.json` a
+    stopped one wrote after each of its finished runs.
+    """
     reused = {}
     for d in dirs:
         path = Path(d) / "results.json"
         if not path.exists():
-            raise ValueError(f"--reuse {d}: no results.json there; give the --output folder of an earlier, "
-                             "finished comparison.")
+            path = Path(d) / "runs.json"
+        if not path.exists():
+            raise ValueError(f"--reuse {d}: no results.json (or runs.json) there; give the --output folder of "
+                             "an earlier comparison.")
         saved = json.loads(path.read_text())
         theirs = _without_seeds(saved["meta"]["budget"])
         if theirs != _without_seeds(budget):
