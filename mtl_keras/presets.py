@@ -25,10 +25,6 @@ from mtl_keras.setting_checks import check_fraction, check_sigma
 
 ROUTING_MODES = ("partition", "independent")
 LR_SCHEDULES = ("constant", "cosine", "wsd")
-# "predictions": the heads' predictions on a probe of validation inputs,
-# through the gate; the rules: the authors' estimator-gradient pipeline
-# (mtl_keras.sharing.named).
-SHARING_RULES = ("none", "predictions", "similarity", "variance")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
@@ -44,6 +40,15 @@ def _weightings():
     from mtl_keras.weighting import available_weightings
 
     return tuple(available_weightings())
+
+
+def _sharing_names():
+    # "none", then the names mtl_keras.sharing.selective_sharing takes
+    # ("predictions" and the grouping rules); imported when flags are made,
+    # as the sharing package needs TensorFlow.
+    from mtl_keras.sharing import sharing_names
+
+    return ("none", *sharing_names())
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class TrainConfig:
     sharing: str = _option("none", "Selective Sharing that merges task heads' estimators during training: "
                            "predictions (heads compared on validation inputs, merged only past the gate) or "
                            "the authors' gradient rules similarity, variance",
-                           "model", SHARING_RULES)
+                           "model", _sharing_names)
     sharing_epoch: int = _option(2, "epoch at whose end the heads are grouped and merged", "model")
     # training
     epochs: int = _option(16, "training epochs", "training", positive=True)
