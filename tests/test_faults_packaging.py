@@ -37,19 +37,29 @@ def test_python_requires_is_what_the_pins_need():
     assert Version(f"{sys.version_info.major}.{sys.version_info.minor}") in ours
 
 
-def test_a_hung_test_fails_with_its_name(tmp_path):
+@pytest.mark.parametrize("workers", ["xdist", "one process"])
+def test_a_hung_test_fails_with_its_name(tmp_path, workers):
     (tmp_path / "test_hang.py").write_text(textwrap.dedent("""
         import threading
 
         def test_waits_forever():
             threading.Event().wait()
     """))
-    # The suite's own settings, with a 2 s timeout instead of the suite's.
+    (tmp_path / "test_fine.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    # The suite's own settings (two xdist workers), with a 3 s timeout and the
+    # stack dump at 1 s instead of the suite's.
     ini = (ROOT / "pytest.ini").read_text().replace("testpaths = tests\n", "")
-    ini = re.sub(r"(?m)^timeout = \d+$", "timeout = 2", ini)
+    ini = re.sub(r"(?m)^timeout = \d+$", "timeout = 3", ini)
+    ini = re.sub(r"(?m)^faulthandler_timeout = \d+$", "faulthandler_timeout = 1", ini)
     (tmp_path / "pytest.ini").write_text(ini)
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+    extra = ["-n", "0"] if workers == "one process" else []
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "Timeout" in out, out[-3000:]
-    assert re.search(r'test_hang\.py", line \d+, in test_waits_forever', out), out[-3000:]
+    # The hung test's stack (faulthandler's or pytest-timeout's format) ...
+    assert re.search(r'test_hang\.py", line \d+,? in test_waits_forever', out), out[-3000:]
+    if workers == "xdist":
+        # ... its name in the report, run once, and the other tests still run.
+        assert "crashed while running 'test_hang.py::test_waits_forever'" in out, out[-3000:]
+        assert re.search(r"\b1 failed, 2 passed\b", out), out[-3000:]
