@@ -1,7 +1,7 @@
 """Train a many-task model on Omniglot: one task per alphabet (50 tasks by default).
 
-    python apps/train_omniglot.py                       # Task Routing, sigma 0.5, all 50 alphabets
-    python apps/train_omniglot.py --tasks 10 --epochs 3 --sigma 1.0
+    python apps/train_omniglot.py                       # all 50 alphabets, hard sharing (sigma 1)
+    python apps/train_omniglot.py --tasks 10 --epochs 3 --sigma 0.5   # Task Routing
 
 Writes into --output (default runs/omniglot/<timestamp>): TensorBoard logs,
 report.json (per-task test accuracy by alphabet, mean, parameters, sigma,

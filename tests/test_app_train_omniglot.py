@@ -12,6 +12,7 @@ import numpy as np
 from small_archives import small_omniglot_dir
 from apps import train_omniglot
 from mtl_keras.data import load_omniglot
+from mtl_keras.presets import get_preset
 
 # report.json's keys: the README, docs and other tools read them.
 REPORT_KEYS = {
@@ -19,6 +20,7 @@ REPORT_KEYS = {
     "batch_size", "image_size", "width", "depth", "parameters", "parameters_at_start", "head_parameters",
     "mean_test_accuracy", "test_loss", "test_accuracy", "chance_accuracy", "final_val_mean_accuracy",
     "wall_time_seconds", "train_seconds", "num_examples", "export_path", "model_path", "command", "provenance",
+    "config",
 }
 
 
@@ -37,7 +39,7 @@ def test_app_trains_reports_and_exports_a_model_that_serves_in_a_fresh_process(t
     out = tmp / "run"
     on_disk = json.loads((out / "report.json").read_text())
     assert set(on_disk) == REPORT_KEYS
-    assert on_disk["tasks"] == 3 and on_disk["sigma"] == 0.5
+    assert on_disk["tasks"] == 3 and on_disk["sigma"] == get_preset("default").sigma
     assert set(on_disk["test_accuracy"]) == {"Balinese", "Early_Aramaic", "Greek"}
     assert all(0.0 <= a <= 1.0 for a in on_disk["test_accuracy"].values())
     assert on_disk["parameters"] > 0 and on_disk["wall_time_seconds"] > 0

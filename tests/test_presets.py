@@ -59,7 +59,7 @@ def test_build_model_follows_the_config():
     from mtl_keras.experiments.training import build_model
 
     tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "binary", 1)])
-    config = get_preset("default").replace(width=4, depth=2, head_units=(8,), bn_momentum=0.8, lr=0.01)
+    config = get_preset("default").replace(width=4, depth=2, head_units=(8,), bn_momentum=0.8, lr=0.01, sigma=0.5)
     model = build_model(config.replace(lr_schedule="constant"), tasks, (16, 16, 1), name="m")
     norms = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(norms) == 2 and all(l.momentum == 0.8 for l in norms)

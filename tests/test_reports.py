@@ -16,7 +16,7 @@ TASKS = TaskSet([Task("Latin", "multiclass", 4), Task("Greek", "multiclass", 5),
 KEYS = ["app", "tasks", "sigma", "weighting", "sharing", "strategy", "replicas", "routing_mode", "seed", "epochs",
         "batch_size", "image_size", "width", "depth", "parameters", "parameters_at_start", "head_parameters",
         "mean_test_accuracy", "test_loss", "test_accuracy", "chance_accuracy", "final_val_mean_accuracy",
-        "wall_time_seconds", "train_seconds", "num_examples", "export_path", "model_path"]
+        "wall_time_seconds", "train_seconds", "num_examples", "export_path", "model_path", "config"]
 
 
 def _data(n=24):
@@ -43,7 +43,8 @@ def test_report_of_a_trained_model(tmp_path):
                              parameters_at_start=start, num_examples=24, train_seconds=1.234, wall_seconds=2.26,
                              export_path=None, model_path=tmp_path / "m.keras")
     assert list(report) == KEYS
-    assert report["app"] == "app" and report["tasks"] == 3 and report["sigma"] == 0.5 and report["width"] == 4
+    assert report["app"] == "app" and report["tasks"] == 3 and report["sigma"] == config.sigma and report["width"] == 4
+    assert report["config"] == json.loads(json.dumps(config.to_dict())) and report["config"]["sigma"] == config.sigma
     assert report["strategy"] == "_DefaultDistributionStrategy" and report["replicas"] == 1
     assert report["parameters"] == report["parameters_at_start"] == start == model.count_params()
     assert report["head_parameters"] == model.head_parameter_count()

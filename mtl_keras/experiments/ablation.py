@@ -63,7 +63,36 @@ def run_folder(output, row, seed):
     return Path(output) / row.slug / f"seed{seed}"
 
 
-def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=print):
+# Settings a report.json recorded at its top level before it recorded the
+# whole configuration (its "config"); "tasks" and "sharing" are left out, as
+# they hold the task count and the sharing report there.
+_TOP_LEVEL_SETTINGS = ("sigma", "weighting", "routing_mode", "seed", "epochs", "batch_size", "image_size",
+                       "width", "depth")
+
+
+def config_mismatch(report, expected):
+    """The settings in which a finished run differs from what it should be.
+
+    Args:
+        report: the run's `report.json`, as a dict.
+        expected: the configuration the run should have (e.g.
+            `TrainConfig.to_dict()`).
+
+    Returns:
+        `{name: (recorded, expected)}` for each setting both know with another
+        value (empty when the run is the expected one). A report with a
+        `config` is compared on all of it; an older one on the settings it
+        recorded at its top level.
+    """
+    if "config" in report:
+        recorded = report["config"]
+    else:
+        recorded = {k: report[k] for k in _TOP_LEVEL_SETTINGS if k in report}
+    plain = json.loads(json.dumps(expected))  # tuples as lists, as a report holds them
+    return {k: (recorded[k], v) for k, v in plain.items() if k in recorded and recorded[k] != v}
+
+
+def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=print, expected=None):
     """Runs `app` for `row` and `seed` (unless its report exists) and returns its result.
 
     Args:
@@ -75,6 +104,10 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
         common_flags: flags every row passes before its own (e.g. `--no-export`).
         python: the interpreter.
         log: where progress lines go.
+        expected: the configuration the run must have (a dict, see
+            `config_mismatch`), or None. A finished run is reused only if it
+            has it: a default that changed since, or a row whose flags did,
+            would otherwise put an old run in the new row.
 
     Returns:
         `{"row", "seed", "mean_test_accuracy", "parameters", "wall_seconds",
@@ -83,10 +116,20 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
 
     Raises:
         RuntimeError: the app failed (its output's last lines included).
+        ValueError: a finished run in the row's folder has another
+            configuration than `expected` (nothing is deleted).
     """
     folder = run_folder(output, row, seed)
     report_path = folder / "report.json"
     reused = report_path.exists()
+    if reused and expected is not None:
+        differ = config_mismatch(json.loads(report_path.read_text()), expected)
+        if differ:
+            settings = ", ".join(f"{k} {old!r} instead of {new!r}" for k, (old, new) in sorted(differ.items()))
+            raise ValueError(
+                f"{folder} holds a finished run of another configuration than row {row.name!r} seed {seed} "
+                f"trains now ({settings}): a default or the row's flags changed since it ran. Give another "
+                f"--output, or move {folder} away to train it again.")
     wall = None
     if not reused:
         folder.mkdir(parents=True, exist_ok=True)
@@ -122,9 +165,15 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
     return result
 
 
-def run_ablation(app, rows, seeds, output, common_flags=(), log=print):
-    """`run_one` for every row and seed, seed-major (so every row has a first seed early)."""
-    return [run_one(app, row, seed, output, common_flags, log=log) for seed in seeds for row in rows]
+def run_ablation(app, rows, seeds, output, common_flags=(), log=print, expected_config=None):
+    """`run_one` for every row and seed, seed-major (so every row has a first seed early).
+
+    `expected_config(row, seed)`, if given, is the configuration each run
+    must have (`run_one`'s `expected`).
+    """
+    return [run_one(app, row, seed, output, common_flags, log=log,
+                    expected=None if expected_config is None else expected_config(row, seed))
+            for seed in seeds for row in rows]
 
 
 def _mean_std(values):

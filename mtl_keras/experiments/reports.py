@@ -67,6 +67,9 @@ def training_report(app, config, model, test_logs, history, *, strategy, paramet
         "num_examples": num_examples,
         "export_path": str(export_path) if export_path else None,
         "model_path": None if model_path is None else str(model_path),
+        # Every setting, so a tool that reuses the run (apps/recipe_ablation.py)
+        # can tell it from a run of another configuration.
+        "config": config.to_dict(),
     }
 
 
