@@ -264,9 +264,13 @@ def export_for_serving(model, base_dir, version=None, task_signatures=True, over
                 message=f"task ids must be in [0, {num_tasks}) (the model has {num_tasks} tasks).",
             ),
         ]
-        # The checks must run before any gather sees a bad id.
+        # The checks must run before any gather sees a bad id, and before the
+        # model's own ops read the image: without the image's dependency, graph
+        # execution may run one of them first on a wrongly shaped image, and
+        # its error ("Invalid reduction dimension") would replace the check's.
         with tf.control_dependencies(checks):
             task = tf.identity(task)
+            image = tf.identity(image)
         logits = model({"image": image, "task": task}, training=False)
         return _outputs(tf.cast(logits, tf.float32), task, table)
 
