@@ -281,3 +281,12 @@ def test_stl_early_stopping_is_part_of_the_cache_key(runs, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         comparison.run_stl(data, CONFIG, 0, SingleTaskBudget(patience=0), tmp / "cache", {}, verbose=0)
     assert seen["callbacks"] is None
+
+
+def test_the_committed_v02_single_task_runs_are_accepted_by_reuse_at_the_default_preset():
+    # docs/RESULTS.md's STL row at the v0.2 recipe: a later comparison at
+    # `--preset default` (e.g. Selective Sharing's trade) reuses them.
+    config, stl = get_preset("default"), SingleTaskBudget()
+    runs = load_reused_runs([DOCS / "results_v02_stl"], budget_text(config, 50, [0, 1], stl, "full archives"))
+    assert set(runs) == {("stl", 0), ("stl", 1)}
+    assert runs[("stl", 1)]["mean_test_accuracy"] == pytest.approx(0.8859, abs=1e-4)
