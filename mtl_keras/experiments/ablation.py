@@ -122,16 +122,19 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
     folder = run_folder(output, row, seed)
     report_path = folder / "report.json"
     reused = report_path.exists()
-    if reused and expected is not None:
-        differ = config_mismatch(json.loads(report_path.read_text()), expected)
+    wall = None
+    if reused:
+        report = json.loads(report_path.read_text())
+        differ = {} if expected is None else config_mismatch(report, expected)
         if differ:
             settings = ", ".join(f"{k} {old!r} instead of {new!r}" for k, (old, new) in sorted(differ.items()))
             raise ValueError(
                 f"{folder} holds a finished run of another configuration than row {row.name!r} seed {seed} "
                 f"trains now ({settings}): a default or the row's flags changed since it ran. Give another "
                 f"--output, or move {folder} away to train it again.")
-    wall = None
-    if not reused:
+        if (folder / "wall_seconds.json").exists():
+            wall = json.loads((folder / "wall_seconds.json").read_text())["wall_seconds"]
+    else:
         folder.mkdir(parents=True, exist_ok=True)
         command = [python, str(app), *common_flags, *row.flags, "--seed", str(seed), "--output", str(folder)]
         log(f"{row.name} seed {seed}: {shlex.join(command[1:])}")
@@ -143,9 +146,7 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
             tail = (folder / "log.txt").read_text(errors="replace").splitlines()[-15:]
             raise RuntimeError(f"{row.name} seed {seed} failed (exit {done.returncode}):\n" + "\n".join(tail))
         (folder / "wall_seconds.json").write_text(json.dumps({"wall_seconds": wall}))
-    elif (folder / "wall_seconds.json").exists():
-        wall = json.loads((folder / "wall_seconds.json").read_text())["wall_seconds"]
-    report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text())
     result = {
         "row": row.name,
         "seed": seed,

@@ -182,25 +182,28 @@ class RunProvenance:
         return self.record
 
 
+def _others_share(record):
+    """The CPU time other processes used during the run, as a share of one core."""
+    wall = max(record.get("wall_seconds") or 0.0, 1e-9)
+    return record.get("other_processes_cpu_seconds", 0.0) / wall
+
+
 def is_quiet(record, cores=None):
     """Whether a run had the machine to itself: no heavy process beside it and other
     processes together used under a tenth of one core over the run."""
-    wall = max(record.get("wall_seconds") or 0.0, 1e-9)
-    return not record.get("heavy_processes") and record.get("other_processes_cpu_seconds", 0.0) < 0.1 * wall
+    return not record.get("heavy_processes") and _others_share(record) < 0.1
 
 
 def describe(record):
     """One sentence for the docs: commit, load before/after and what else ran."""
     heavy = record.get("heavy_processes") or []
-    wall = max(record.get("wall_seconds") or 0.0, 1e-9)
     if heavy:
         beside = "beside it ran " + ", ".join(f"{p['name']} ({p['cpu_seconds']} CPU s)" for p in heavy)
     elif not is_quiet(record):
         # Many short processes (a test suite, one-off scripts) are each below
         # the heavy share, yet together they loaded the machine.
-        share = record.get("other_processes_cpu_seconds", 0.0) / wall
-        beside = (f"no single process was heavy, but together they used {share:.0%} of one core on average: "
-                  "the machine was not quiet")
+        beside = (f"no single process was heavy, but together they used {_others_share(record):.0%} of one "
+                  "core on average: the machine was not quiet")
     else:
         beside = "nothing else heavy ran beside it"
     # Processes that started and ended within the run are not seen at all.
