@@ -40,7 +40,7 @@ from mtl_keras.plots import plot_task_bars  # noqa: E402
 from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
 from mtl_keras.progress import CompactProgbar  # noqa: E402
 from mtl_keras.reporting import ensure_writable_dir, write_json  # noqa: E402
-from mtl_keras.sharing import selective_sharing  # noqa: E402
+from mtl_keras.sharing import selective_sharing, sharing_options  # noqa: E402
 from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,14 @@ def parse_args(argv=None):
     if args.sharing != "none" and not args.head_units:
         p.error(f"--sharing {args.sharing} merges the task heads' estimators, and the heads have "
                 "none: add --head-units 128 (an estimator of 128 units per task)")
+    if args.sharing_options:
+        if args.sharing == "none":
+            p.error(f"--sharing-options {args.sharing_options} has no sharing to go to: add --sharing "
+                    "predictions (or a grouping rule)")
+        try:
+            sharing_options(args.sharing, args.sharing_options)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -109,11 +117,14 @@ def train_and_export(args, config, strategy, output, started):
     sharing = None
     if config.sharing != "none":
         # The probe is drawn from the validation split the same way on every
-        # worker and in a resumed run, so all of them group on the same evidence.
+        # worker and in a resumed run, so all of them group on the same evidence;
+        # the refit inputs come from the training split's first (seeded) pass,
+        # the same on every worker, so the refitted weights agree between them.
         sharing = selective_sharing(
-            config.sharing, validation=data.validation, start_epoch=min(config.sharing_epoch, config.epochs),
+            config.sharing, validation=data.validation, train=data.train,
+            start_epoch=min(config.sharing_epoch, config.epochs),
             log_dir=str(tensorboard_dir), plot_dir=str(output), backup_dir=backup_dir, seed=config.seed,
-            verbose=int(args.verbose > 0),
+            verbose=int(args.verbose > 0), **sharing_options(config.sharing, config.sharing_options),
         )
         callbacks.insert(0, sharing)
     if backup_dir:

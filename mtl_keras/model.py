@@ -231,6 +231,23 @@ class MultiTaskModel(GuardedModel):
             inputs = next(iter(inputs.values()))
         return self.backbone(inputs, training=training)
 
+    def task_features(self, inputs, task):
+        """The trunk features task `task`'s head sees for every input (inference mode).
+
+        Args:
+            inputs: images, or a dict holding `"image"` (a `"task"` entry is
+                ignored: `task` says which task's view of the trunk to take).
+            task: task index; it matters only for a routed trunk.
+
+        Returns:
+            `[B, features]` float32 tensor.
+        """
+        images = self._image_inputs(inputs)
+        if not self.routed:
+            return self._features(images, None, False)
+        batch = ops.shape(next(iter(images.values())))[0]
+        return self._features(images, ops.full((batch,), int(task), dtype="int32"), False)
+
     def heads_forward(self, features, task_ids, training=False):
         """Each pair's own head applied to its features, all heads in one pass.
 

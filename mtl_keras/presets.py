@@ -90,6 +90,9 @@ class TrainConfig:
                            "the authors' gradient rules similarity, variance",
                            "model", _sharing_names)
     sharing_epoch: int = _option(2, "epoch at whose end the heads are grouped and merged", "model")
+    sharing_options: str = _option("", "more Selective Sharing arguments as name=value[:name=value...], e.g. "
+                                   "proposal=threshold:min_affinity=0.3 (mtl_keras.sharing.SelectiveSharing)",
+                                   "model")
     # training
     epochs: int = _option(16, "training epochs", "training", positive=True)
     batch_size: int = _option(128, "global batch size (split over replicas)", "training", positive=True)

@@ -53,6 +53,14 @@ def assert_nothing_written(out):
         (["--label-smoothing", "1"], r"--label-smoothing must be a number in [0, 1), got 1.0"),
         (["--sharing", "similarity"], "--sharing similarity merges the task heads' estimators, and the heads "
                                       "have none: add --head-units 128"),
+        (["--sharing-options", "proposal=threshold"], "--sharing-options proposal=threshold has no sharing to "
+                                                      "go to: add --sharing predictions"),
+        (["--sharing", "predictions", "--head-units", "8", "--sharing-options", "proposl=threshold"],
+         "--sharing-options: 'proposl' is not an option of Selective Sharing here; use some of ["),
+        (["--sharing", "predictions", "--head-units", "8", "--sharing-options", "proposal=nearest"],
+         "Unknown proposal 'nearest'"),
+        (["--sharing", "predictions", "--head-units", "8", "--sharing-options", "proposal"],
+         "bad option 'proposal'; write each option as <argument>=<value>"),
     ],
 )
 def test_flags_out_of_range_are_argparse_errors(capsys, flags, message):

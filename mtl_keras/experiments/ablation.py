@@ -152,6 +152,7 @@ def run_one(app, row, seed, output, common_flags=(), python=sys.executable, log=
         "seed": seed,
         "mean_test_accuracy": float(report["mean_test_accuracy"]),
         "parameters": int(report["parameters"]),
+        "head_parameters": report.get("head_parameters"),
         "wall_seconds": None if wall is None else round(wall, 3),
         "report": str(report_path),
         "reused": reused,
@@ -220,6 +221,9 @@ def summarise_ablation(runs, rows, reference=None):
             "within_noise": None if delta is None or row.name == reference else abs(delta) <= max(std, ref_std),
             "wall_seconds": wall,
             "parameters": mine[0]["parameters"] if mine else None,
+            # Selective Sharing can merge differently per seed: the mean, and each seed's.
+            "head_parameters": _mean_std([r.get("head_parameters") for r in mine])[0],
+            "head_parameters_per_seed": [r.get("head_parameters") for r in sorted(mine, key=lambda r: r["seed"])],
         })
     return summary
 
@@ -232,7 +236,8 @@ def ablation_table(summary):
         delta = "" if s["delta_vs_reference"] is None or s["within_noise"] is None else (
             f"{100 * s['delta_vs_reference']:+.2f} pt" + (" (noise)" if s["within_noise"] else ""))
         wall = "–" if s["wall_seconds"] is None else f"{s['wall_seconds']:.0f} s"
+        heads = "–" if s.get("head_parameters") is None else f"{s['head_parameters']:,.0f}"
         rows.append([s["row"], f"`{s['flags']}`" if s["flags"] else "(none)", acc, delta, wall,
-                     " ".join(f"{a:.4f}" for a in s["accuracy_per_seed"])])
+                     " ".join(f"{a:.4f}" for a in s["accuracy_per_seed"]), heads])
     return markdown_table(rows, ["recipe", "flags", "mean test accuracy (± std over seeds)", "vs first row",
-                                 "wall time (mean)", "per seed"])
+                                 "wall time (mean)", "per seed", "head parameters (mean)"])

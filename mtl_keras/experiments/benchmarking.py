@@ -42,6 +42,7 @@ import tensorflow as tf
 import mtl_keras
 from mtl_keras.experiments import efficiency, sharing_speed
 from mtl_keras.experiments.training import build_model
+from mtl_keras.option_strings import parse_options
 from mtl_keras.presets import TrainConfig
 from mtl_keras.tasks import Task, TaskSet
 from mtl_keras.weighting import available_weightings, get_weighting
@@ -201,8 +202,6 @@ def weighting_of_case(case):
     `(None, {})` for the cases without a weighting of their own."""
     if not case.startswith("w:"):
         return None, {}
-    from mtl_keras.experiments.comparison import parse_options
-
     name, _, options = case[2:].partition(":")
     return name, parse_options(options, case)
 

@@ -19,7 +19,6 @@ Example:
 >>> [(r["config"], round(r["delta_m"], 2)) for r in result["rows"]]
 """
 
-import ast
 import dataclasses
 import datetime
 import json
@@ -35,6 +34,7 @@ from mtl_keras.baselines import delta_m, train_single_task_models
 from mtl_keras.experiments.comparison_plots import plot_results
 from mtl_keras.experiments.comparison_tables import write_tables
 from mtl_keras.experiments.training import build_backbone, build_model
+from mtl_keras.option_strings import parse_options
 from mtl_keras.reporting import per_task, write_json
 from mtl_keras.weighting import available_weightings, get_weighting
 
@@ -67,21 +67,6 @@ def sharing_rules():
     return sharing.sharing_names()
 
 
-def parse_options(text, name):
-    """`"every_n_steps=8:seed=1"` -> `{"every_n_steps": 8, "seed": 1}`."""
-    out = {}
-    for item in filter(None, text.split(":")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.isidentifier():
-            raise ValueError(
-                f"Configuration {name!r}: bad option {item!r}; write options as "
-                "<weighting>:<argument>=<value>, e.g. pcgrad:every_n_steps=8."
-            )
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def parse_config(name, weightings=None, rules=None):
@@ -187,10 +172,11 @@ def image_shape(dataset):
     return tuple(shape)
 
 
-def _sharing_callback(config, seed, validation):
-    """The `SelectiveSharing` callback of `config` with its options (a probe from `validation`)."""
+def _sharing_callback(config, seed, data):
+    """The `SelectiveSharing` callback of `config` with its options (a probe from the validation data,
+    output layers refitted at a merge on training inputs)."""
     kwargs = {"seed": seed, "verbose": 0, **config.get("sharing_kwargs", {})}
-    return sharing.selective_sharing(config["sharing"], validation=validation, **kwargs)
+    return sharing.selective_sharing(config["sharing"], validation=data.validation, train=data.train, **kwargs)
 
 
 def _batches(dataset):
@@ -219,7 +205,7 @@ def run_mtl(config, data, train_config, seed, verbose=1):
         steps_per_epoch=_batches(data.train),
     )
     params_at_start = model.count_params()
-    callbacks = [_sharing_callback(config, seed, data.validation)] if config["sharing"] else []
+    callbacks = [_sharing_callback(config, seed, data)] if config["sharing"] else []
     history = model.fit(data.train, validation_data=data.validation, epochs=train_config.epochs,
                         callbacks=callbacks, verbose=2 if verbose == 2 else 0, shuffle=False)
     test_logs = model.evaluate(data.test, return_dict=True, verbose=0)

@@ -33,6 +33,6 @@ from mtl_keras.sharing.grouping import (
     validate_groups,
     variance_rule,
 )
-from mtl_keras.sharing.named import PREDICTIONS, selective_sharing, sharing_names
+from mtl_keras.sharing.named import PREDICTIONS, selective_sharing, sharing_names, sharing_options
 from mtl_keras.sharing.planted import PlantedProblem, planted_families, planted_model
 from mtl_keras.sharing.plots import plot_affinity

@@ -14,7 +14,12 @@ ICMR 2019) on a `MultiTaskModel`:
    have the lowest validation loss (`keep="loss"`, see below); the other
    estimators are dropped from the model (`model.set_estimator_of_task`),
    each task keeps its own output layer, and training goes on in the same
-   `fit()` call with the optimizer state of every surviving weight.
+   `fit()` call with the optimizer state of every surviving weight. A task
+   moved onto another estimator has its output layer refitted (ridge
+   regression, `readout.refit_plan`) to reproduce its pre-merge logits from
+   the new estimator's features on `refit_inputs` (default: the probe), so
+   the merge does not throw away what the task had learnt; the fit's R² per
+   task goes to `history` (`"refit"`).
 4. **Record.** Each check is written to `history` (for a report), to the
    epoch logs, to TensorBoard (an affinity heatmap image and the groups as
    text) and, with `plot_dir`, to a PNG heatmap with a dendrogram.
@@ -85,6 +90,8 @@ from mtl_keras.sharing.gate import PROPOSALS, PredictionEvidence, gated_grouping
 from mtl_keras.sharing.gradients import GradientCollector
 from mtl_keras.sharing.grouping import CLUSTERERS, FACTORIZERS, SIGNALS, get_rule, group_units
 from mtl_keras.sharing.predictions import head_logits
+from mtl_keras.sharing.readout import apply_refit, refit_plan
+from mtl_keras.sharing.readout import summarize as summarize_refit
 
 # "predictions" compares what the heads predict on a probe batch (see
 # `predictions.py`) and merges through the gate (`gate.py`); the others are
@@ -142,6 +149,11 @@ class SelectiveSharing(keras.callbacks.Callback):
             `min_affinity`); see `gate.gated_grouping`.
         bootstrap, min_stability, null_permutations: the gate's resamples,
             least stability, and permutations of the null (see `gate`).
+        refit_outputs: refit moved tasks' output layers at a merge (see
+            above); False keeps them as they were (the authors' merge).
+        refit_inputs: inputs the refit is made on (images, or a dict with
+            `"image"`; labels are not used); default: `probe`. Without
+            either, output layers are kept as they were.
         seed: random state of factorization, clustering and the gate.
         verbose: 1 prints each merge.
 
@@ -185,6 +197,8 @@ class SelectiveSharing(keras.callbacks.Callback):
         bootstrap=50,
         min_stability=0.9,
         null_permutations=20,
+        refit_outputs=True,
+        refit_inputs=None,
         seed=0,
         verbose=1,
     ):
@@ -220,6 +234,9 @@ class SelectiveSharing(keras.callbacks.Callback):
         if not 0.0 <= min_affinity <= 1.0:
             raise ValueError(f"min_affinity is a CKA in [0, 1]; got {min_affinity!r}.")
         self.probe = probe
+        self.refit_outputs = bool(refit_outputs)
+        self.refit_inputs = refit_inputs
+        self._last_refit = None
         self.min_affinity = float(min_affinity)
         if proposal not in PROPOSALS:
             raise ValueError(f"Unknown proposal {proposal!r}; use one of {sorted(PROPOSALS)}.")
@@ -422,6 +439,7 @@ class SelectiveSharing(keras.callbacks.Callback):
             parameters_after=int(model.count_params()),
             head_parameters_before=int(heads_before),
             head_parameters_after=int(model.head_parameter_count()),
+            refit=self._last_refit,
         )
         self.history.append(record)
         if self.verbose and dropped:
@@ -451,8 +469,14 @@ class SelectiveSharing(keras.callbacks.Callback):
         estimator_of_task = [new_owner[o] for o in model.estimator_of_task]
         params_before, heads_before = model.count_params(), model.head_parameter_count()
         dropped = []
+        self._last_refit = None
         if estimator_of_task != list(model.estimator_of_task):
+            inputs = self.refit_inputs if self.refit_inputs is not None else self.probe
+            plan = (refit_plan(model, inputs, estimator_of_task)
+                    if self.refit_outputs and inputs is not None else {})
             dropped = model.set_estimator_of_task(estimator_of_task)
+            apply_refit(model, plan)
+            self._last_refit = summarize_refit(plan, names)
         return kept, dropped, params_before, heads_before
 
     def _check_predictions(self, n, logs):
@@ -501,6 +525,7 @@ class SelectiveSharing(keras.callbacks.Callback):
             "parameters_after": int(model.count_params()),
             "head_parameters_before": int(heads_before),
             "head_parameters_after": int(model.head_parameter_count()),
+            "refit": self._last_refit,
         }
         self.history.append(record)
         logs["sharing/gate_proposed"] = float(len(gate))
@@ -559,6 +584,7 @@ class SelectiveSharing(keras.callbacks.Callback):
                 "clusterer": self.clusterer, "n_clusters": self.n_clusters, "keep": self.keep,
                 "min_affinity": self.min_affinity, "proposal": self.proposal, "bootstrap": self.bootstrap,
                 "min_stability": self.min_stability, "null_permutations": self.null_permutations,
+                "refit_outputs": self.refit_outputs,
             },
             "checks": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history],
             "merges": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history if h["merged"]],
