@@ -120,3 +120,35 @@ def test_regroup_saved_scores_every_variant_on_saved_evidence(tmp_path):
     for name in ("threshold@0.5", "silhouette@0.3"):
         assert out["fam@0.1"][name]["ari_per_seed"] == [1.0, 1.0]
         assert out["fam@0.1"][name]["merged_fraction_mean"] == 0.8
+
+
+class _TwoCloseFamilies:
+    """Gate evidence for families A = units 0-3 and B = 4-7 whose cross affinity straddles the proposal's
+    threshold: about half of the bootstrap resamples lump A and B together, the rest keep them apart."""
+
+    n, num_rows = 8, 100
+
+    def affinity(self, rows=None, permute=None):
+        if permute is not None:
+            cross, within = 0.02, 0.02
+        else:
+            cross = 0.45 if rows is None else (0.6 if np.mean(rows) < 49.5 else 0.25)
+            within = 0.8
+        a = np.full((8, 8), cross)
+        a[:4, :4] = a[4:, 4:] = within
+        np.fill_diagonal(a, 1.0)
+        return a
+
+
+def test_a_refused_group_is_split_and_each_half_earns_its_own_merge():
+    evidence = _TwoCloseFamilies()
+    result = gated_grouping(evidence, threshold=0.4, proposal="threshold", seed=0)
+    assert result.proposed == [list(range(8))]
+    whole, *halves = result.checks
+    assert not whole.passed and "stability" in whole.reasons[0] and 0.2 < whole.stability < 0.8
+    assert [c.group for c in halves] == [[0, 1, 2, 3], [4, 5, 6, 7]] and all(c.passed for c in halves)
+    assert halves[0].between == pytest.approx(0.45)  # against the other half, not the refused whole
+    assert result.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # Without splitting, the refusal leaves every unit alone.
+    unsplit = gated_grouping(evidence, threshold=0.4, proposal="threshold", seed=0, split_refused=False)
+    assert unsplit.groups == [[i] for i in range(8)] and len(unsplit.checks) == 1

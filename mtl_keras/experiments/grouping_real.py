@@ -207,8 +207,10 @@ def run_real(images, classes, train, set_name, noise, seed, training=None, log=N
     return out
 
 
-GATE_VARIANTS = (("threshold", 0.5), ("threshold", 0.7), ("silhouette", 0.3), ("silhouette", 0.4),
-                 ("silhouette", 0.5))
+# (proposal, min_affinity[, split_refused]); "silhouette@0.3" is SelectiveSharing's
+# default, "silhouette@0.3/no-split" the gate before refused groups were split.
+GATE_VARIANTS = (("threshold", 0.5), ("threshold", 0.7), ("silhouette", 0.3), ("silhouette", 0.3, False),
+                 ("silhouette", 0.4), ("silhouette", 0.5))
 
 
 def regroup_saved(paths, variants=GATE_VARIANTS, seed=0):
@@ -216,7 +218,8 @@ def regroup_saved(paths, variants=GATE_VARIANTS, seed=0):
 
     Args:
         paths: `.npz` files written by `run_real`.
-        variants: `(proposal, min_affinity)` pairs for `gated_grouping`.
+        variants: `(proposal, min_affinity)` or `(proposal, min_affinity, split_refused)` for
+            `gated_grouping` (`split_refused` True by default, as there).
         seed: the gate's random state.
 
     Returns:
@@ -230,9 +233,10 @@ def regroup_saved(paths, variants=GATE_VARIANTS, seed=0):
         set_name, noise = name.rsplit("_", 1)
         evidence = PredictionEvidence(saved["logits"])
         row = {}
-        for proposal, a in variants:
-            groups = gated_grouping(evidence, threshold=a, proposal=proposal, seed=seed).groups
-            row[f"{proposal}@{a}"] = (float(adjusted_rand_score(families, groups_to_labels(groups, len(families)))),
+        for proposal, a, *split in variants:
+            split = split[0] if split else True
+            groups = gated_grouping(evidence, threshold=a, proposal=proposal, seed=seed, split_refused=split).groups
+            row[f"{proposal}@{a}" + ("" if split else "/no-split")] = (float(adjusted_rand_score(families, groups_to_labels(groups, len(families)))),
                                       _merged_fraction(groups, len(families)))
         per_key.setdefault(f"{set_name}@{noise}", []).append(row)
     out = {}

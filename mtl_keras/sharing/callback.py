@@ -149,6 +149,9 @@ class SelectiveSharing(keras.callbacks.Callback):
             `min_affinity`); see `gate.gated_grouping`.
         bootstrap, min_stability, null_permutations: the gate's resamples,
             least stability, and permutations of the null (see `gate`).
+        split_refused: for `"predictions"`: a refused group of three or
+            more units is split in two and each half gated again (see
+            `gate`); False leaves all its units alone.
         refit_outputs: refit moved tasks' output layers at a merge (see
             above); False keeps them as they were (the authors' merge).
         refit_inputs: inputs the refit is made on (images, or a dict with
@@ -197,6 +200,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         bootstrap=50,
         min_stability=0.9,
         null_permutations=20,
+        split_refused=True,
         refit_outputs=True,
         refit_inputs=None,
         seed=0,
@@ -234,6 +238,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         if not 0.0 <= min_affinity <= 1.0:
             raise ValueError(f"min_affinity is a CKA in [0, 1]; got {min_affinity!r}.")
         self.probe = probe
+        self.split_refused = bool(split_refused)
         self.refit_outputs = bool(refit_outputs)
         self.refit_inputs = refit_inputs
         self._last_refit = None
@@ -494,6 +499,7 @@ class SelectiveSharing(keras.callbacks.Callback):
             evidence, threshold=self.min_affinity, bootstrap=self.bootstrap, min_stability=self.min_stability,
             null_permutations=self.null_permutations, sizes=[len(ts) for ts in unit_tasks],
             max_group_size=self.max_group_size, seed=self.seed, proposal=self.proposal,
+            split_refused=self.split_refused,
         )
         # For keep="central": the unit least related to the rest of its group is the farthest.
         a = result.affinity
@@ -584,7 +590,7 @@ class SelectiveSharing(keras.callbacks.Callback):
                 "clusterer": self.clusterer, "n_clusters": self.n_clusters, "keep": self.keep,
                 "min_affinity": self.min_affinity, "proposal": self.proposal, "bootstrap": self.bootstrap,
                 "min_stability": self.min_stability, "null_permutations": self.null_permutations,
-                "refit_outputs": self.refit_outputs,
+                "split_refused": self.split_refused, "refit_outputs": self.refit_outputs,
             },
             "checks": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history],
             "merges": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history if h["merged"]],

@@ -18,8 +18,13 @@ object with `n`, `num_rows` and `affinity(rows=None, permute=None)`):
 - **separation**: its mean within-group affinity must be above its largest
   mean affinity to any other proposed group.
 
-A group that fails any check is not merged (its units stay alone). Every
-figure is kept in `GateCheck`s so a callback can record why a group did or
+A group of three or more units that fails a check is split in two at its
+own dendrogram's top (average linkage on its affinity) and each half is
+checked again (`split_refused`): a proposal that lumped two related
+families together (correlated labelling rules) is refused as a whole, but
+each family on its own can still earn its merge. Units of a group that
+fails and cannot be split stay alone. Every check, of proposed groups and of
+halves, is kept in `GateCheck`s so a callback can record why a group did or
 did not merge.
 
 Example:
@@ -118,6 +123,18 @@ class GatedGrouping:
     null_threshold: float
 
 
+def _halves(affinity, group):
+    """`group` split in two by average linkage on its own affinity (its dendrogram's top split)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    sub = np.asarray(affinity, dtype=np.float64)[np.ix_(group, group)]
+    distance = np.clip(1.0 - (sub + sub.T) / 2, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
+    labels = fcluster(linkage(squareform(distance, checks=False), method="average"), 2, criterion="maxclust")
+    return [sorted(group[i] for i in np.flatnonzero(labels == c)) for c in np.unique(labels)]
+
+
 def _together(partition, members):
     """Whether all `members` are in one group of `partition`."""
     first = next(g for g in partition if members[0] in g)
@@ -165,7 +182,8 @@ PROPOSALS = {"threshold": affinity_groups, "silhouette": silhouette_groups}
 
 
 def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, null_permutations=20,
-                   null_quantile=0.95, sizes=None, max_group_size=None, seed=0, proposal="threshold"):
+                   null_quantile=0.95, sizes=None, max_group_size=None, seed=0, proposal="threshold",
+                   split_refused=True):
     """Proposes groups from the evidence's affinity and keeps those that pass the gate.
 
     Args:
@@ -185,6 +203,8 @@ def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, nul
             affinity is at least `threshold`) or `"silhouette"`
             (`silhouette_groups`: the best-silhouette clustering, `threshold`
             as a floor).
+        split_refused: check the two halves of a refused group of three or
+            more units (recursively) instead of leaving all its units alone.
 
     Returns:
         A `GatedGrouping`.
@@ -208,12 +228,16 @@ def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, nul
             rows = rng.integers(0, evidence.num_rows, evidence.num_rows)
             resampled.append(propose(evidence.affinity(rows=rows), threshold, sizes, max_group_size))
     checks, groups = [], []
-    for g in proposed:
+    # The partition being checked: the proposal, with each split group replaced by its halves.
+    current = [list(g) for g in proposed]
+    pending = list(current)
+    while pending:
+        g = pending.pop(0)
         if len(g) < 2:
             groups.append(g)
             continue
         within = float(affinity[np.ix_(g, g)][~np.eye(len(g), dtype=bool)].mean())
-        others = [h for h in proposed if h is not g]
+        others = [h for h in current if h is not g]
         between = max((float(affinity[np.ix_(g, h)].mean()) for h in others), default=0.0)
         stability = float(np.mean([_together(p, g) for p in resampled])) if resampled else 1.0
         reasons = []
@@ -226,7 +250,14 @@ def gated_grouping(evidence, threshold=0.5, bootstrap=50, min_stability=0.9, nul
         check = GateCheck(group=list(g), within=within, between=between, null_threshold=null_threshold,
                           stability=stability, passed=not reasons, reasons=reasons)
         checks.append(check)
-        groups += [g] if check.passed else [[u] for u in g]
+        if check.passed:
+            groups.append(g)
+        elif split_refused and len(g) > 2:
+            halves = _halves(affinity, g)
+            current = [h for h in current if h is not g] + halves
+            pending += halves
+        else:
+            groups += [[u] for u in g]
     return GatedGrouping(groups=sorted(groups), proposed=proposed, checks=checks, affinity=affinity,
                          null_threshold=null_threshold)
 
