@@ -47,11 +47,14 @@ from mtl_keras.app_errors import exit_on_user_error
 from mtl_keras.experiments.benchmark_report import text_report, write_report
 from mtl_keras.experiments.benchmarking import FULL_TASKS, BenchmarkSettings, resolve_settings, run_benchmark
 from mtl_keras.experiments.provenance import RunProvenance, run_directory
-from mtl_keras.presets import TrainConfig, add_config_arguments, config_from_args
+from mtl_keras.presets import TrainConfig, add_config_arguments, config_from_args, get_preset
 
 # Only the model's shape matters to speed; the training settings are fixed
 # (benchmarking.FIXED_TRAINING), the data are synthetic.
 MODEL_FLAGS = ("image_size", "batch_size", "width", "depth", "head_units", "sigma")
+# The README's default run: 16 epochs of ceil(22,722 / 128) = 178 batches of the Omniglot training
+# split. One predictions check (once, at the default --sharing-epoch) is weighed against it.
+DEFAULT_RUN_STEPS = get_preset("default").epochs * -(-22_722 // get_preset("default").batch_size)
 
 
 def parse_args(argv=None):
@@ -78,6 +81,9 @@ def parse_args(argv=None):
                    help="task counts of the Selective Sharing measurements (default: overhead at 50, or the "
                         "largest --num-tasks; gradient collection at 10 and 50 where in --num-tasks)")
     p.add_argument("--sharing-only", action="store_true", help="measure Selective Sharing only, no cases")
+    p.add_argument("--sharing-run-steps", type=int, default=DEFAULT_RUN_STEPS,
+                   help="training steps of the run one predictions check is weighed against (default: the "
+                        f"README's default Omniglot run, {DEFAULT_RUN_STEPS}; 0: skip that measurement)")
     p.add_argument("--time-budget", type=float, default=d.time_budget,
                    help="stop timing a case after this many seconds of timed steps (at least 2 steps)")
     p.add_argument("--timeout", type=float, default=d.timeout,
@@ -101,7 +107,7 @@ def main(argv=None):
         memory_limit_mib=args.memory_limit_mib, classes=args.classes, k=args.k, warmup=args.warmup,
         variant_tasks=args.variant_tasks, time_budget=args.time_budget, timeout=args.timeout,
         sharing=args.measure_sharing, sharing_tasks=args.sharing_tasks, sharing_only=args.sharing_only,
-        peak_size=args.peak_size,
+        sharing_run_steps=args.sharing_run_steps or None, peak_size=args.peak_size,
     )
     output = run_directory("benchmark", args.output)
     report = run_benchmark(settings, RunProvenance(argv, program=__file__))

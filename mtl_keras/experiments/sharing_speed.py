@@ -3,6 +3,10 @@
 - `sharing_overhead(num_tasks, config)`: training steps/s of a model without
   and with the `SelectiveSharing` collector in the train step. Issue 3's
   target: at most 5% slower with 50 tasks.
+- `predictions_check_overhead(num_tasks, config, run_steps)`: what the
+  predictions signal (no collector) adds to a run: one check (probe logits,
+  gate, worst-case refit) against the run's training time. Issue 11's
+  target: at most 5% at T = 50 on the default run's schedule.
 - `collection_vs_naive(num_tasks, config)`: time to obtain every task's
   estimator gradient for one batch, our way (the train step's one backward
   pass, the rows stacked as the collector does) against the naive way (one
@@ -112,6 +116,70 @@ def sharing_overhead(num_tasks, config, classes=20, steps=20, rounds=3):
         "rounds_on": on,
         "collector_seconds_per_step": float(np.median(collector_times)),
         "collector_fraction_of_step": float(np.median(collector_times)) * off_b,
+    }
+
+
+def predictions_check_overhead(num_tasks, config, run_steps, classes=20, steps=20, rounds=3, probe_size=512,
+                               refit_size=2048, seed=0):
+    """What the predictions signal adds to a run: one check against the run's training time.
+
+    The predictions signal leaves the train step as it is (no collector);
+    its cost is the check itself, once per scheduled epoch end: every head's
+    logits on the probe, the gate (permutation null and bootstrap), and, when
+    tasks merge, the refit of their output layers. The check is timed as
+    `SelectiveSharing` runs it with its defaults, and the refit in its worst
+    case (every task but one moved onto one estimator), so their sum bounds a
+    check from above whatever the gate decides.
+
+    Args:
+        num_tasks: tasks of the model.
+        config: the `TrainConfig` of the model (heads need `head_units`).
+        run_steps: training steps of the run the check is part of (e.g. a
+            default run's epochs times its batches per epoch).
+        classes: classes per task.
+        steps, rounds: timed training steps per round, and rounds (best kept).
+        probe_size, refit_size: inputs of the probe and of the refit.
+        seed: random state of the model and the inputs.
+
+    Returns:
+        A dict: `steps_per_second`, `run_seconds` (`run_steps` at that
+        rate), `check_seconds`, `refit_all_seconds`, and `overhead`
+        (`(check_seconds + refit_all_seconds) / run_seconds`, 0.03 = 3%).
+    """
+    from mtl_keras.sharing import SelectiveSharing
+    from mtl_keras.sharing.readout import refit_plan
+
+    if not config.head_units:
+        raise ValueError("The predictions check merges estimators: give the heads some (head_units).")
+    model, batch = _model_and_batch(num_tasks, config, classes, seed)
+    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0, recalibrate_batch_norm=False)  # trace
+    rate = float(np.max([_time_fit(model, dataset, steps) for _ in range(rounds)]))
+    rng = np.random.default_rng(seed)
+    size = config.image_size
+    probe = {"image": rng.random((probe_size, size, size, 1)).astype("float32")}
+    refit_inputs = {"image": rng.random((refit_size, size, size, 1)).astype("float32")}
+    t0 = time.perf_counter()
+    refit_plan(model, refit_inputs, [0] * num_tasks)
+    refit_all = time.perf_counter() - t0
+    sharing = SelectiveSharing(signal="predictions", probe=probe, refit_inputs=refit_inputs, verbose=0)
+    sharing.set_model(model)
+    t0 = time.perf_counter()
+    sharing._check_predictions(1, {})
+    check = time.perf_counter() - t0
+    run_seconds = run_steps / rate
+    return {
+        "num_tasks": num_tasks,
+        "batch_size": config.batch_size,
+        "steps_per_second": rate,
+        "run_steps": int(run_steps),
+        "run_seconds": run_seconds,
+        "check_seconds": check,
+        "check_merged": bool(sharing.history[-1]["merged"]),
+        "refit_all_seconds": refit_all,
+        "probe_size": probe_size,
+        "refit_size": refit_size,
+        "overhead": (check + refit_all) / run_seconds,
     }
 
 

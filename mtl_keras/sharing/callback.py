@@ -81,6 +81,7 @@ see the `sharing/...` entries it adds to the epoch logs.
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -486,6 +487,7 @@ class SelectiveSharing(keras.callbacks.Callback):
 
     def _check_predictions(self, n, logs):
         """A check on the heads' predictions on the probe, through the gate."""
+        started = time.perf_counter()
         model = self.model
         names = list(model.tasks.names)
         owners = model.estimator_owners
@@ -532,6 +534,8 @@ class SelectiveSharing(keras.callbacks.Callback):
             "head_parameters_before": int(heads_before),
             "head_parameters_after": int(model.head_parameter_count()),
             "refit": self._last_refit,
+            # The check's own cost (logits, gate, merge, refit): what sharing adds to a run.
+            "seconds": round(time.perf_counter() - started, 3),
         }
         self.history.append(record)
         logs["sharing/gate_proposed"] = float(len(gate))

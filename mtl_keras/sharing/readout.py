@@ -53,13 +53,23 @@ def _batches(inputs):
     return [inputs[s:s + INFERENCE_BATCH] for s in range(0, len(inputs), INFERENCE_BATCH)]
 
 
-def _hidden(model, chunks, task, owner):
-    """Task `task`'s trunk features through head `owner`'s estimator: `[B, units]` float64."""
-    head = model.heads[owner]
-    return np.concatenate([
-        np.asarray(head.estimate(model.task_features(chunk, task), training=False), dtype=np.float64)
-        for chunk in chunks
-    ])
+class _TrunkFeatures:
+    """Each task's trunk features on the inputs, computed once (once for all tasks if the trunk is not routed)."""
+
+    def __init__(self, model, inputs):
+        self.model, self.chunks, self.cache = model, _batches(inputs), {}
+
+    def of(self, task):
+        key = task if self.model.routed else None
+        if key not in self.cache:
+            self.cache[key] = [self.model.task_features(chunk, task) for chunk in self.chunks]
+        return self.cache[key]
+
+    def hidden(self, task, owner):
+        """Task `task`'s trunk features through head `owner`'s estimator: `[B, units]` float64."""
+        head = self.model.heads[owner]
+        return np.concatenate([np.asarray(head.estimate(f, training=False), dtype=np.float64)
+                               for f in self.of(task)])
 
 
 def _r2(target, prediction):
@@ -113,14 +123,14 @@ def refit_plan(model, inputs, estimator_of_task, ridge=DEFAULT_RIDGE):
         return {}
     if not model.task_heads.hidden_units:
         raise ValueError("Refitting output layers needs heads with estimators (head_units); these heads have none.")
-    chunks = _batches(inputs)
+    features = _TrunkFeatures(model, inputs)
     plan = {}
     for t in moved:
         output = model.heads[t].output_layer
         kernel = np.asarray(output.kernel.value, np.float64)
         bias = np.asarray(output.bias.value, np.float64)
-        old_logits = _hidden(model, chunks, t, old[t]) @ kernel + bias
-        new_hidden = _hidden(model, chunks, t, int(estimator_of_task[t]))
+        old_logits = features.hidden(t, old[t]) @ kernel + bias
+        new_hidden = features.hidden(t, int(estimator_of_task[t]))
         fitted_kernel, fitted_bias = ridge_readout(new_hidden, old_logits, ridge)
         plan[t] = OutputFit(
             kernel=fitted_kernel, bias=fitted_bias,
