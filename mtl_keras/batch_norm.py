@@ -72,6 +72,7 @@ Example:
 >>> recalibrate_batch_norm(model, train)              # or by hand, e.g. after a custom loop
 """
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -162,7 +163,12 @@ def recalibrate_batch_norm(model, data, steps=None):
 
     def replica_step(batch):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        if hasattr(model, "make_pairs"):
+        if hasattr(model, "make_pairs") and y is None:
+            # Inputs without labels (`serving_statistics`): each example
+            # through its own task's view of the trunk.
+            task_ids = tf.reshape(tf.cast(x["task"], tf.int32), [-1]) if model.routed else None
+            model._features(model._image_inputs(x), task_ids, True)
+        elif hasattr(model, "make_pairs"):
             pairs = model.make_pairs(x, y, sample_weight, training=True)
             model._pairs_features(pairs.images, pairs.rows, pairs.task_ids, training=True)
         else:
@@ -202,6 +208,47 @@ def recalibrate_batch_norm(model, data, steps=None):
         return 0
     _assign(layers, [(sums[2 * i] / count, sums[2 * i + 1] / count) for i in range(len(layers))])
     return count
+
+
+@contextlib.contextmanager
+def serving_statistics(model, inputs, batch_size=128, seed=0):
+    """Within the block, the trunk's batch norm serves with statistics re-estimated on `inputs`.
+
+    For reading a model in inference mode in the middle of training (e.g.
+    Selective Sharing's evidence at an early epoch end), when the moving
+    averages may not serve yet (momentum 0.99 needs hundreds of steps): the
+    moving statistics are set by `recalibrate_batch_norm` over `inputs`,
+    and put back as they were when the block ends, so training and its
+    logs go on exactly as without it.
+
+    Args:
+        model: a `MultiTaskModel`.
+        inputs: images, or a dict with `"image"` (and `"task"`; without it,
+            each image of a routed trunk goes through a task drawn at
+            random with `seed`).
+        batch_size: images per batch of the re-estimate.
+        seed: the random tasks' seed.
+
+    Yields:
+        The number of batches the statistics were averaged over (0: the
+        trunk has no batch norm to re-estimate).
+    """
+    layers = batch_norm_layers(_trunk(model))
+    if not layers:
+        yield 0
+        return
+    images = inputs["image"] if isinstance(inputs, dict) else inputs
+    n = len(images)
+    tasks = inputs.get("task") if isinstance(inputs, dict) else None
+    if tasks is None:
+        tasks = np.random.default_rng(seed).integers(0, len(model.tasks), n)
+    x = {"image": np.asarray(images), "task": np.asarray(tasks, dtype="int32").reshape(-1)}
+    data = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    saved = [(np.asarray(l.moving_mean), np.asarray(l.moving_variance)) for l in layers]
+    try:
+        yield recalibrate_batch_norm(model, data, steps=-(-n // batch_size))
+    finally:
+        _assign(layers, saved)
 
 
 def _assign(layers, statistics):

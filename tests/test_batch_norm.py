@@ -318,3 +318,39 @@ def test_a_short_run_on_real_omniglot_learns_every_task(tmp_path):
     # on the hardest one (Balinese, 24 classes: 4.7x-5.7x over seeds and widths).
     assert all(r >= 3.0 for r in ratios.values()), ratios
     assert np.mean(list(ratios.values())) >= 5.0, ratios
+
+
+def test_serving_statistics_read_a_young_model_with_its_inputs_statistics_then_put_the_averages_back():
+    from mtl_keras.batch_norm import serving_statistics
+
+    model = routed_model()
+    x, _ = per_example_batch(32)
+    shifted = {"image": x["image"] * 3.0 + 2.0, "task": x["task"]}  # far from the initial averages 0 / 1
+    model(shifted)  # builds; the moving averages are still their initial values
+    trained = np.asarray(model.backbone(shifted, training=True))  # moves the averages by 1 - momentum only
+    stale = np.asarray(model.backbone(shifted, training=False))
+    before = statistics(model)
+    assert np.abs(stale - trained).max() > 0.1
+    # One batch holding every input: the statistics are exactly those training normalises with.
+    with serving_statistics(model, shifted, batch_size=32) as batches:
+        served = np.asarray(model.backbone(shifted, training=False))
+    assert batches == 1
+    np.testing.assert_allclose(served, trained, atol=1e-4)
+    for a, b in zip(statistics(model), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_selective_sharing_reads_its_evidence_with_serving_statistics():
+    x, y = per_example_batch(64)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    probe = {"image": x["image"]}
+    records = {}
+    for calibrate in (True, False):
+        model = routed_model()
+        sharing = SelectiveSharing(signal="predictions", probe=probe, calibrate_batch_norm=calibrate, verbose=0)
+        model.fit(data, epochs=1, verbose=0, callbacks=[sharing], recalibrate_batch_norm=False)
+        records[calibrate] = sharing.history[0]
+    assert records[True]["batch_norm_calibration_batches"] == 1
+    assert records[False]["batch_norm_calibration_batches"] == 0
+    # Different statistics, different evidence.
+    assert records[True]["affinity"] != records[False]["affinity"]

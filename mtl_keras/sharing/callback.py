@@ -87,6 +87,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtl_keras.batch_norm import serving_statistics
 from mtl_keras.sharing.gate import PROPOSALS, PredictionEvidence, gated_grouping
 from mtl_keras.sharing.gradients import GradientCollector
 from mtl_keras.sharing.grouping import CLUSTERERS, FACTORIZERS, SIGNALS, get_rule, group_units
@@ -153,6 +154,13 @@ class SelectiveSharing(keras.callbacks.Callback):
         split_refused: for `"predictions"`: a refused group of three or
             more units is split in two and each half gated again (see
             `gate`); False leaves all its units alone.
+        calibrate_batch_norm: for `"predictions"`: read the heads (and refit)
+            with the trunk's batch-norm statistics re-estimated on
+            `refit_inputs` (default: the probe) and put back after the check
+            (`batch_norm.serving_statistics`): early in training the moving
+            averages do not serve yet (momentum 0.99: hundreds of steps), and
+            a model read through them predicts at chance, whose heads all look
+            alike. False reads the model with its moving averages.
         refit_outputs: refit moved tasks' output layers at a merge (see
             above); False keeps them as they were (the authors' merge).
         refit_inputs: inputs the refit is made on (images, or a dict with
@@ -202,6 +210,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         min_stability=0.9,
         null_permutations=20,
         split_refused=True,
+        calibrate_batch_norm=True,
         refit_outputs=True,
         refit_inputs=None,
         seed=0,
@@ -240,6 +249,7 @@ class SelectiveSharing(keras.callbacks.Callback):
             raise ValueError(f"min_affinity is a CKA in [0, 1]; got {min_affinity!r}.")
         self.probe = probe
         self.split_refused = bool(split_refused)
+        self.calibrate_batch_norm = bool(calibrate_batch_norm)
         self.refit_outputs = bool(refit_outputs)
         self.refit_inputs = refit_inputs
         self._last_refit = None
@@ -486,8 +496,17 @@ class SelectiveSharing(keras.callbacks.Callback):
         return kept, dropped, params_before, heads_before
 
     def _check_predictions(self, n, logs):
-        """A check on the heads' predictions on the probe, through the gate."""
+        """A check on the heads' predictions on the probe, through the gate, read with batch-norm statistics
+        that serve (`calibrate_batch_norm`)."""
         started = time.perf_counter()
+        inputs = self.refit_inputs if self.refit_inputs is not None else self.probe
+        if self.calibrate_batch_norm:
+            with serving_statistics(self.model, inputs, seed=self.seed) as batches:
+                self._check_predictions_now(n, logs, started, batches)
+        else:
+            self._check_predictions_now(n, logs, started, 0)
+
+    def _check_predictions_now(self, n, logs, started, calibration_batches):
         model = self.model
         names = list(model.tasks.names)
         owners = model.estimator_owners
@@ -534,6 +553,7 @@ class SelectiveSharing(keras.callbacks.Callback):
             "head_parameters_before": int(heads_before),
             "head_parameters_after": int(model.head_parameter_count()),
             "refit": self._last_refit,
+            "batch_norm_calibration_batches": int(calibration_batches),
             # The check's own cost (logits, gate, merge, refit): what sharing adds to a run.
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -594,7 +614,8 @@ class SelectiveSharing(keras.callbacks.Callback):
                 "clusterer": self.clusterer, "n_clusters": self.n_clusters, "keep": self.keep,
                 "min_affinity": self.min_affinity, "proposal": self.proposal, "bootstrap": self.bootstrap,
                 "min_stability": self.min_stability, "null_permutations": self.null_permutations,
-                "split_refused": self.split_refused, "refit_outputs": self.refit_outputs,
+                "split_refused": self.split_refused, "calibrate_batch_norm": self.calibrate_batch_norm,
+                "refit_outputs": self.refit_outputs,
             },
             "checks": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history],
             "merges": [{k: v for k, v in h.items() if k != "affinity"} for h in self.history if h["merged"]],
