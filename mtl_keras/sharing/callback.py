@@ -79,6 +79,7 @@ Put this callback before `TensorBoard`/`CSVLogger` in the list so that they
 see the `sharing/...` entries it adds to the epoch logs.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -154,7 +155,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         split_refused: for `"predictions"`: a refused group of three or
             more units is split in two and each half gated again (see
             `gate`); False leaves all its units alone.
-        calibrate_batch_norm: for `"predictions"`: read the heads (and refit)
+        calibrate_batch_norm: read the heads (`"predictions"`) and refit
             with the trunk's batch-norm statistics re-estimated on
             `refit_inputs` (default: the probe) and put back after the check
             (`batch_norm.serving_statistics`): early in training the moving
@@ -287,6 +288,11 @@ class SelectiveSharing(keras.callbacks.Callback):
         self._window_open = False
 
     # ------------------------------------------------------------- schedule
+    @property
+    def _fit_inputs(self):
+        """What the refit (and the batch-norm calibration) runs on: `refit_inputs`, else the probe."""
+        return self.refit_inputs if self.refit_inputs is not None else self.probe
+
     @property
     def rule_name(self):
         if self.signal == "predictions":  # the gate groups; the gradient rule is not used
@@ -435,8 +441,9 @@ class SelectiveSharing(keras.callbacks.Callback):
             max_dim=self.max_dim,
             seed=self.seed,
         )
-        kept, dropped, params_before, heads_before = self._merge(grouping.groups, rows, owners, unit_tasks, logs,
-                                                                 grouping)
+        with self._serving_statistics():  # the refit reads the model as it serves
+            kept, dropped, params_before, heads_before = self._merge(grouping.groups, rows, owners, unit_tasks,
+                                                                     logs, grouping)
         unit_names = [names[owners[u]] for u in rows]
         record.update(
             merged=bool(dropped),
@@ -487,7 +494,7 @@ class SelectiveSharing(keras.callbacks.Callback):
         dropped = []
         self._last_refit = None
         if estimator_of_task != list(model.estimator_of_task):
-            inputs = self.refit_inputs if self.refit_inputs is not None else self.probe
+            inputs = self._fit_inputs
             plan = (refit_plan(model, inputs, estimator_of_task)
                     if self.refit_outputs and inputs is not None else {})
             dropped = model.set_estimator_of_task(estimator_of_task)
@@ -499,12 +506,14 @@ class SelectiveSharing(keras.callbacks.Callback):
         """A check on the heads' predictions on the probe, through the gate, read with batch-norm statistics
         that serve (`calibrate_batch_norm`)."""
         started = time.perf_counter()
-        inputs = self.refit_inputs if self.refit_inputs is not None else self.probe
-        if self.calibrate_batch_norm:
-            with serving_statistics(self.model, inputs, seed=self.seed) as batches:
-                self._check_predictions_now(n, logs, started, batches)
-        else:
-            self._check_predictions_now(n, logs, started, 0)
+        with self._serving_statistics() as batches:
+            self._check_predictions_now(n, logs, started, batches)
+
+    def _serving_statistics(self):
+        """A block in which the model serves with batch-norm statistics of `_fit_inputs` (see `calibrate_batch_norm`)."""
+        if self.calibrate_batch_norm and self._fit_inputs is not None:
+            return serving_statistics(self.model, self._fit_inputs, seed=self.seed)
+        return contextlib.nullcontext(0)
 
     def _check_predictions_now(self, n, logs, started, calibration_batches):
         model = self.model
