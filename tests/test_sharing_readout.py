@@ -101,3 +101,13 @@ def test_callback_refits_on_the_given_inputs_and_records_the_fit():
                                runs[False][0].heads[0].output_layer.kernel.numpy(), atol=1e-6)
     assert not np.allclose(model.heads[1].output_layer.kernel.numpy(),
                            runs[False][0].heads[1].output_layer.kernel.numpy())
+
+
+def test_head_logits_equal_the_models_own_all_task_pass_routed_or_not_and_after_a_merge():
+    from mtl_keras.sharing.predictions import head_logits
+
+    for sigma in (0.5, 1.0):
+        model = model_of(sigma=sigma)
+        model.set_estimator_of_task([0, 0, 2, 2])
+        x = images(40)
+        np.testing.assert_allclose(head_logits(model, x, batch_size=16), all_logits(model, x), atol=1e-4)

@@ -22,8 +22,8 @@ from mtl_keras.sharing.grouping import available_rules
 from mtl_keras.sharing.probe import DEFAULT_PROBE_SIZE, probe_inputs
 
 # Training inputs a merged task's output layer is refitted on (129 weights
-# per output with a 128-unit estimator: a few thousand rows determine them).
-DEFAULT_REFIT_SIZE = 2048
+# per output with a 128-unit estimator: a thousand rows determine them, with the ridge).
+DEFAULT_REFIT_SIZE = 1024
 
 PREDICTIONS = "predictions"
 

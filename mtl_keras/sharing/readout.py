@@ -25,11 +25,12 @@ import dataclasses
 
 import numpy as np
 
+from mtl_keras.sharing.predictions import TrunkFeatures
+
 # Ridge strength relative to the mean eigenvalue of the features' Gram
 # matrix: small enough to leave a well-determined fit unchanged, large
 # enough that dead (all-zero) hidden units do not make it singular.
 DEFAULT_RIDGE = 1e-3
-INFERENCE_BATCH = 256
 
 
 @dataclasses.dataclass
@@ -43,33 +44,6 @@ class OutputFit:
 
     def as_dict(self):
         return {"r2": round(self.r2, 4), "r2_unchanged": round(self.r2_unchanged, 4)}
-
-
-def _batches(inputs):
-    if isinstance(inputs, dict):
-        inputs = {k: v for k, v in inputs.items() if k != "task"}
-        n = len(next(iter(inputs.values())))
-        return [{k: v[s:s + INFERENCE_BATCH] for k, v in inputs.items()} for s in range(0, n, INFERENCE_BATCH)]
-    return [inputs[s:s + INFERENCE_BATCH] for s in range(0, len(inputs), INFERENCE_BATCH)]
-
-
-class _TrunkFeatures:
-    """Each task's trunk features on the inputs, computed once (once for all tasks if the trunk is not routed)."""
-
-    def __init__(self, model, inputs):
-        self.model, self.chunks, self.cache = model, _batches(inputs), {}
-
-    def of(self, task):
-        key = task if self.model.routed else None
-        if key not in self.cache:
-            self.cache[key] = [self.model.task_features(chunk, task) for chunk in self.chunks]
-        return self.cache[key]
-
-    def hidden(self, task, owner):
-        """Task `task`'s trunk features through head `owner`'s estimator: `[B, units]` float64."""
-        head = self.model.heads[owner]
-        return np.concatenate([np.asarray(head.estimate(f, training=False), dtype=np.float64)
-                               for f in self.of(task)])
 
 
 def _r2(target, prediction):
@@ -123,7 +97,7 @@ def refit_plan(model, inputs, estimator_of_task, ridge=DEFAULT_RIDGE):
         return {}
     if not model.task_heads.hidden_units:
         raise ValueError("Refitting output layers needs heads with estimators (head_units); these heads have none.")
-    features = _TrunkFeatures(model, inputs)
+    features = TrunkFeatures(model, inputs)
     plan = {}
     for t in moved:
         output = model.heads[t].output_layer
