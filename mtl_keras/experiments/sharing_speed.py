@@ -27,6 +27,8 @@ import tensorflow as tf
 
 from mtl_keras.experiments.training import build_model
 from mtl_keras.sharing import GradientCollector
+from mtl_keras.sharing.named import DEFAULT_REFIT_SIZE
+from mtl_keras.sharing.probe import DEFAULT_PROBE_SIZE
 from mtl_keras.tasks import Task, TaskSet
 
 
@@ -119,8 +121,8 @@ def sharing_overhead(num_tasks, config, classes=20, steps=20, rounds=3):
     }
 
 
-def predictions_check_overhead(num_tasks, config, run_steps, classes=20, steps=20, rounds=3, probe_size=512,
-                               refit_size=2048, seed=0):
+def predictions_check_overhead(num_tasks, config, run_steps, classes=20, steps=20, rounds=3,
+                               probe_size=DEFAULT_PROBE_SIZE, refit_size=DEFAULT_REFIT_SIZE, seed=0):
     """What the predictions signal adds to a run: one check against the run's training time.
 
     The predictions signal leaves the train step as it is (no collector);
@@ -138,7 +140,8 @@ def predictions_check_overhead(num_tasks, config, run_steps, classes=20, steps=2
             default run's epochs times its batches per epoch).
         classes: classes per task.
         steps, rounds: timed training steps per round, and rounds (best kept).
-        probe_size, refit_size: inputs of the probe and of the refit.
+        probe_size, refit_size: inputs of the probe and of the refit (the
+            apps' defaults, `sharing.selective_sharing`'s).
         seed: random state of the model and the inputs.
 
     Returns:
