@@ -133,7 +133,8 @@ def test_issue_10_targets_judge_memory_at_every_t_and_steps_against_the_plain_mo
     assert "| pcgrad_peak_rss_T312 | 5,000 MiB | <= 4,096 MiB | NO |" in md
 
 
-@pytest.mark.parametrize("report", ["benchmark.json", "issue10/benchmark.json", "efficiency_sameconv/benchmark.json"])
+@pytest.mark.parametrize("report", ["benchmark.json", "issue10/benchmark.json", "efficiency_sameconv/benchmark.json",
+                                    "predictions_check/benchmark.json"])
 def test_the_committed_reports_still_give_their_figures(report):
     saved = json.loads((DOCS / "benchmarks" / report).read_text())
     found = {**targets(saved["results"]), **sharing_targets(saved["sharing"])}
