@@ -22,13 +22,17 @@ def test_record_has_commit_command_and_load(tmp_path):
 def test_a_busy_process_beside_the_run_is_named_heavy():
     # Started through a shell that exits at once, so the busy loop is not this
     # process's descendant: it stands for a test suite running beside a benchmark.
+    # The suite's other worker keeps both cores busy, which could leave the loop
+    # below the heavy threshold (a quarter of a core): it asks for a higher
+    # priority, which `nice` grants to root and otherwise refuses, running it anyway.
     marker = "provenance_busy_loop"
-    code = f"import time\nt = time.time()\nwhile time.time() - t < 2.5: pass  # {marker}"
-    subprocess.run(["sh", "-c", f'{sys.executable} -c "{code}" >/dev/null 2>&1 &'], check=True)
+    code = f"import time\nt = time.time()\nwhile time.time() - t < 3.5: pass  # {marker}"
+    subprocess.run(["sh", "-c", f'nice -n -10 {sys.executable} -c "{code}" >/dev/null 2>&1 &'], check=True)
     with RunProvenance(argv=[]) as prov:
-        time.sleep(2.0)
+        time.sleep(3.0)
     heavy = prov.record["heavy_processes"]
-    assert any(p["name"].startswith("python") and p["cpu_seconds"] > 0.5 for p in heavy), heavy
+    # Named heavy: above HEAVY_CPU_SHARE of one core over the run.
+    assert any(p["name"].startswith("python") for p in heavy), heavy
     assert prov.record["quiet"] is False
     assert "beside it ran" in describe(prov.record)
 
