@@ -26,6 +26,8 @@ from mtl_keras.setting_checks import check_fraction, check_sigma
 ROUTING_MODES = ("partition", "independent")
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+# Keras dtype policies a model can train in (keras.mixed_precision).
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _option(default, help, group, choices=None, positive=False, nonnegative=False, fraction=None, check=None):
@@ -109,6 +111,9 @@ class TrainConfig:
     seed: int = _option(0, "seeds weights, routing masks and shuffling", "training")
     jit_compile: bool = _option(False, "XLA-compile the train step (slower on CPU, see docs/BENCHMARKS.md)",
                                 "training")
+    precision: str = _option("float32", "layers' dtype policy: float32, or mixed_bfloat16 / mixed_float16 "
+                             "(16-bit compute, float32 variables; pays only where the hardware computes in 16 bits, "
+                             "see docs/BENCHMARKS.md)", "training", PRECISIONS)
     strategy: str = _option("auto", "tf.distribute strategy (auto: from TF_CONFIG and the visible GPUs)",
                             "training", STRATEGIES)
 

@@ -43,7 +43,7 @@ import mtl_keras
 from mtl_keras.experiments import efficiency, sharing_speed
 from mtl_keras.experiments.training import build_model
 from mtl_keras.option_strings import parse_options
-from mtl_keras.presets import TrainConfig
+from mtl_keras.presets import PRECISIONS, TrainConfig
 from mtl_keras.tasks import Task, TaskSet
 from mtl_keras.weighting import available_weightings, get_weighting
 
@@ -51,7 +51,6 @@ FULL_TASKS = [10, 50, 100, 312]
 QUICK_TASKS = [10, 50]
 QUICK_STEPS = 3
 BASE_CASES = ["plain", "routing", "plain_k", "routing_k"]
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 TARGET_ROUTING_OVERHEAD = 0.10  # routing step <= 1.10 x plain at T = 50
 TARGET_TASK_SCALING = 1.5  # routing step at T = 312 <= 1.5 x at T = 10 (issue 10; issue 9 had 2)
 # issue 3: Selective Sharing's collector <= 5% slower at T = 50; issue 11: the
@@ -271,7 +270,8 @@ def model_config(spec):
     """The `TrainConfig` of a spec's model: its shape, with the benchmark's fixed training settings."""
     return TrainConfig(image_size=spec["image_size"], batch_size=spec["batch_size"], width=spec["width"],
                        depth=spec["depth"], head_units=tuple(spec["head_units"]), sigma=spec["sigma"],
-                       jit_compile=spec["jit_compile"], **FIXED_TRAINING)
+                       jit_compile=spec["jit_compile"], precision=spec.get("precision", TrainConfig.precision),
+                       **FIXED_TRAINING)
 
 
 def make_data(spec):
@@ -293,7 +293,6 @@ def make_data(spec):
 def run_case(spec):
     """Builds, warms up and times one model in this process; returns a result dict."""
     keras.utils.set_random_seed(0)
-    keras.mixed_precision.set_global_policy(spec["precision"])
     ds = make_data(spec)
     rss_before = _rss_kib()
     tasks = TaskSet([Task(f"task_{i}", "multiclass", spec["classes"]) for i in range(spec["num_tasks"])])

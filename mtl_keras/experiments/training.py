@@ -1,5 +1,7 @@
 """A many-task model built and compiled from a `TrainConfig`: the one recipe the apps share."""
 
+import contextlib
+
 import keras
 
 from mtl_keras.backbones import conv_backbone, vgg_filters
@@ -77,6 +79,21 @@ def learning_rate(config, steps_per_epoch=None):
     )
 
 
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Layers built inside take the Keras dtype policy `name` (e.g. `"mixed_bfloat16"`).
+
+    The policy is stored with each layer, so the global policy is put back
+    afterwards: models built later in the process are unaffected.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=None, name=None, tasks_per_step=1,
                 steps_per_epoch=None):
     """A compiled `MultiTaskModel` (Adam at `learning_rate(config)`) on `build_backbone`'s trunk.
@@ -106,12 +123,13 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
     >>> model.fit(data.train, epochs=1)
     """
     seed = config.seed if seed is None else seed
-    backbone = build_backbone(config, input_shape, len(tasks), sigma=sigma, seed=seed)
-    model = MultiTaskModel(
-        backbone, tasks, head_units=config.head_units, head_dropout=config.head_dropout,
-        weighting=config.weighting if weighting is None else weighting, tasks_per_step=tasks_per_step,
-        label_smoothing=config.label_smoothing, seed=seed, name=name,
-    )
+    with dtype_policy(config.precision):
+        backbone = build_backbone(config, input_shape, len(tasks), sigma=sigma, seed=seed)
+        model = MultiTaskModel(
+            backbone, tasks, head_units=config.head_units, head_dropout=config.head_dropout,
+            weighting=config.weighting if weighting is None else weighting, tasks_per_step=tasks_per_step,
+            label_smoothing=config.label_smoothing, seed=seed, name=name,
+        )
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
                   jit_compile=config.jit_compile)
     return model
