@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 
 from mtl_keras import Task, TaskSet
-from mtl_keras.layers import TaskHead, TaskHeads, TaskRouting, routing_masks
+from mtl_keras.layers import ClosedFormBatchNormalization, TaskHead, TaskHeads, TaskRouting, routing_masks
+from mtl_keras.layers.task_heads import per_pair_matmul
 
 
 # ------------------------------------------------------------------ masks
@@ -205,6 +206,37 @@ def test_task_heads_pass_equals_each_pair_through_its_own_head_before_and_after_
     assert heads.estimator_of_task == [0, 0, 2, 0]  # a refused regrouping changes nothing
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_per_pair_matmul_values_and_gradients_equal_the_gathered_einsum(jit):
+    # Repeated rows (summed gradients), rows no pair uses (zero gradient), one row used once.
+    rng = np.random.default_rng(1)
+    h = tf.constant(rng.normal(size=(9, 5)), "float32")
+    kernels = tf.constant(rng.normal(size=(6, 5, 3)), "float32")
+    row = tf.constant([0, 2, 2, 5, 0, 2, 0, 5, 3], "int32")
+    upstream = tf.constant(rng.normal(size=(9, 3)), "float32")
+
+    def both(f):
+        with tf.GradientTape() as tape:
+            tape.watch([h, kernels])
+            y = f(h, kernels, row)
+            loss = tf.reduce_sum(y * upstream)
+        return [tf.convert_to_tensor(t) for t in [y, *tape.gradient(loss, [h, kernels])]]
+
+    reference = lambda h, k, r: tf.einsum("pi,pio->po", h, tf.gather(k, r))
+    fast = tf.function(lambda: both(per_pair_matmul), jit_compile=True) if jit else (lambda: both(per_pair_matmul))
+    for got, want in zip(fast(), both(reference)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    dkernels = fast()[2].numpy()
+    assert np.all(dkernels[[1, 4]] == 0) and np.any(dkernels[3] != 0)
+
+
+def test_per_pair_matmul_promotes_16_bit_features_like_einsum():
+    h = tf.ones((2, 4), "bfloat16")
+    kernels = tf.ones((3, 4, 2), "float32")
+    out = per_pair_matmul(h, kernels, tf.constant([0, 2]))
+    assert out.dtype == tf.float32 and np.all(out.numpy() == 4)
+
+
 def test_task_heads_own_the_dropout_and_their_heads_have_none():
     heads = TaskHeads(head_tasks(), hidden_units=(64,), dropout=0.5)
     features = np.ones((16, 8), "float32")
@@ -248,3 +280,69 @@ def test_task_heads_keras_roundtrip_keeps_the_merged_grouping(tmp_path):
     assert [h.has_estimator for h in clone.heads] == [True, False, True, False]
     assert clone.dropout == 0.2 and clone.get_config() == heads.get_config()
     np.testing.assert_allclose(loaded.predict(data, verbose=0), before, atol=1e-6)
+
+
+# ------------------------------------------------------------ batch norm
+def _bn_pair(momentum=0.9, **kwargs):
+    ours, keras_bn = ClosedFormBatchNormalization(momentum=momentum, **kwargs), keras.layers.BatchNormalization(
+        momentum=momentum, **kwargs)
+    return ours, keras_bn
+
+
+def _bn_run(layer, x, upstream, training=True):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+        loss = tf.reduce_sum(tf.cast(y, "float32") * upstream)
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return [y, *grads, layer.moving_mean, layer.moving_variance]
+
+
+@pytest.mark.parametrize("shape,jit", [((16, 6, 6, 5), False), ((16, 6, 6, 5), True), ((32, 7), False)])
+def test_closed_form_batch_norm_equals_keras_batch_norm(shape, jit):
+    rng = np.random.default_rng(0)
+    # Off-centre inputs with unequal channel scales, as a conv without bias gives.
+    x = tf.constant(rng.normal(size=shape) * rng.uniform(0.1, 3, shape[-1]) + rng.normal(size=shape[-1]) * 4, "float32")
+    upstream = tf.constant(rng.normal(size=shape), "float32")
+    ours, reference = _bn_pair()
+    gamma = rng.uniform(0.5, 2, shape[-1]).astype("float32")
+    for layer in (ours, reference):
+        layer.build(shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(np.arange(shape[-1], dtype="float32"))
+    run = tf.function(_bn_run, jit_compile=True) if jit else _bn_run
+    got, want = run(ours, x, upstream), _bn_run(reference, x, upstream)
+    for name, a, b in zip(["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"], got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=name)
+    # Inference reads the moving statistics, like the parent.
+    np.testing.assert_allclose(ours(x, training=False).numpy(), reference(x, training=False).numpy(), atol=1e-5)
+
+
+def test_closed_form_batch_norm_falls_back_to_keras_where_it_does_not_apply():
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(8, 4, 3)), "float32")
+    upstream = tf.constant(rng.normal(size=(8, 4, 3)), "float32")
+    for kwargs in ({"axis": 1}, {"renorm": True}):
+        ours, reference = _bn_pair(**kwargs)
+        assert not ours._closed_form_applies(x, True, None)
+        for a, b in zip(_bn_run(ours, x, upstream), _bn_run(reference, x, upstream)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_closed_form_batch_norm_keeps_float32_statistics_under_mixed_precision(tmp_path):
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        bn = ClosedFormBatchNormalization()
+        y = bn(tf.ones((4, 3, 3, 2), "bfloat16") * tf.range(4, dtype="bfloat16")[:, None, None, None], training=True)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    assert y.dtype == tf.bfloat16 and bn.moving_mean.dtype == "float32"
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.01 * 1.5, rtol=1e-6)
+    inputs = keras.Input((3, 3, 2))
+    model = keras.Model(inputs, ClosedFormBatchNormalization(name="bn")(inputs))
+    model.get_layer("bn").moving_variance.assign([2.0, 3.0])
+    model.save(tmp_path / "bn.keras")
+    loaded = keras.saving.load_model(tmp_path / "bn.keras")
+    assert isinstance(loaded.get_layer("bn"), ClosedFormBatchNormalization)
+    np.testing.assert_array_equal(loaded.get_layer("bn").moving_variance.numpy(), [2.0, 3.0])
