@@ -46,6 +46,9 @@ def conv_backbone(
     TaskRouting -> ReLU` (routing after batch norm, before the ReLU, where the
     authors' routed VGG puts it), then a 2x2 max pool; after the last block a
     global average pool and optional `Dense -> TaskRouting -> ReLU` layers.
+    (The pool is applied right after the block's last batch norm, which
+    gives the same outputs and gradients at a quarter of the routing and
+    ReLU work.)
 
     Args:
         input_shape: image shape, e.g. `(32, 32, 1)`.
@@ -109,10 +112,14 @@ def conv_backbone(
                 x = ClosedFormBatchNormalization(
                     momentum=batch_norm_momentum, synchronized=bool(synchronized), name=f"block{b}_bn{c}"
                 )(x)
+            if c == convs_per_block - 1 and x.shape[1] is not None and x.shape[1] >= 2 and x.shape[2] >= 2:
+                # The block's 2x2 max pool, moved before the routing mask and
+                # the ReLU: both commute with a max (the mask is >= 0 per
+                # channel, ReLU is monotone), so outputs and gradients are
+                # those of pooling last, and both run on a quarter of the values.
+                x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
             x = route(x)
             x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
-        if x.shape[1] is not None and x.shape[1] >= 2 and x.shape[2] >= 2:
-            x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     for i, units in enumerate(dense_units):
         x = keras.layers.Dense(units, name=f"dense{i}")(x)

@@ -346,3 +346,38 @@ def test_closed_form_batch_norm_keeps_float32_statistics_under_mixed_precision(t
     loaded = keras.saving.load_model(tmp_path / "bn.keras")
     assert isinstance(loaded.get_layer("bn"), ClosedFormBatchNormalization)
     np.testing.assert_array_equal(loaded.get_layer("bn").moving_variance.numpy(), [2.0, 3.0])
+
+
+@pytest.mark.parametrize("convs_per_block", [1, 2])
+def test_backbone_pooling_before_routing_and_relu_equals_pooling_last(convs_per_block):
+    from mtl_keras.backbones import conv_backbone
+
+    trunk = conv_backbone((8, 8, 1), num_tasks=3, sigma=0.5, filters=(4, 6), convs_per_block=convs_per_block,
+                          dense_units=(5,), seed=0)
+    rng = np.random.default_rng(0)
+    inputs = {"image": tf.constant(rng.normal(size=(6, 8, 8, 1)), "float32"), "task": tf.constant([0, 1, 2, 0, 1, 2])}
+    layer = trunk.get_layer
+
+    def pooling_last():
+        # The textbook order, conv -> BN -> routing -> ReLU, pool at the block's end.
+        x, r = inputs["image"], 0
+        for b in range(2):
+            for c in range(convs_per_block):
+                x = layer(f"block{b}_bn{c}")(layer(f"block{b}_conv{c}")(x), training=True)
+                x = tf.nn.relu(layer(f"routing_{r}")(x, inputs["task"]))
+                r += 1
+            x = layer(f"block{b}_pool")(x)
+        x = tf.nn.relu(layer(f"routing_{r}")(layer("dense0")(tf.reduce_mean(x, axis=(1, 2))), inputs["task"]))
+        return x
+
+    def gradients(forward):
+        with tf.GradientTape() as tape:
+            y = forward()
+            loss = tf.reduce_sum(y * tf.range(1.0, 6.0))
+        return [y, *tape.gradient(loss, trunk.trainable_variables)]
+
+    got = gradients(lambda: trunk(inputs, training=True))
+    want = gradients(pooling_last)
+    assert float(tf.reduce_sum(tf.abs(got[0]))) > 0
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
