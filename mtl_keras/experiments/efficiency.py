@@ -17,7 +17,9 @@ import tensorflow as tf
 
 BACKWARD_FACTOR = 3
 """Training FLOPs per forward FLOP: the forward pass, then the gradients of
-every layer's input and of its kernel, each as large as the forward."""
+every layer's input and of its kernel, each as large as the forward. A
+layer with no trainable weight upstream (the first convolution, on the
+image) needs no input gradient: factor 2."""
 
 
 def matmul_peak(dtype="float32", size=2048, repeats=5, inner=4):
@@ -83,6 +85,35 @@ def trunk_forward_flops(backbone):
     return int(sum(_forward_flops_per_call(l) for l in backbone._flatten_layers(include_self=False)))
 
 
+def layers_without_input_gradient(backbone):
+    """Names of the layers of a functional `backbone` with no trainable weight upstream.
+
+    Their inputs need no gradient, so training computes only their kernels'
+    gradient (autodiff prunes the other).
+    """
+    upstream = {}  # id(tensor) -> whether a trainable weight feeds it
+    free = set()
+    for op in backbone.operations:
+        for node in op._inbound_nodes:
+            fed = any(upstream.get(id(t), False) for t in node.input_tensors)
+            if not fed:
+                free.add(op.name)
+            for t in node.output_tensors:
+                upstream[id(t)] = fed or bool(op.trainable_weights)
+    return free
+
+
+def trunk_training_flops(backbone):
+    """Training FLOPs of `backbone` on one example: forward and backward of its `Conv2D` and `Dense` layers.
+
+    `BACKWARD_FACTOR` times each layer's forward FLOPs, or 2 times for a
+    layer whose input needs no gradient (`layers_without_input_gradient`).
+    """
+    free = layers_without_input_gradient(backbone) if hasattr(backbone, "operations") else set()
+    return int(sum((2 if l.name in free else BACKWARD_FACTOR) * _forward_flops_per_call(l)
+                   for l in backbone._flatten_layers(include_self=False)))
+
+
 def head_forward_flops(model):
     """Forward FLOPs of one pair's own head (estimator and output layer), averaged over the tasks."""
     per_task = []
@@ -98,7 +129,8 @@ def training_flops_per_step(model, batch_size, tasks_per_example=1):
     The trunk runs once per example, or once per (example, task) pair when
     it routes and each example has several tasks (as `MultiTaskModel` runs
     it); each pair goes through its own task's head. Forward FLOPs times
-    `BACKWARD_FACTOR` (3). Work the implementation does beyond that (e.g.
+    `BACKWARD_FACTOR` (3), or 2 for a layer whose input needs no gradient
+    (`trunk_training_flops`). Work the implementation does beyond that (e.g.
     every task's output layer applied to every pair) is not counted, so it
     shows as lost efficiency.
 
@@ -112,5 +144,5 @@ def training_flops_per_step(model, batch_size, tasks_per_example=1):
     """
     pairs = batch_size * tasks_per_example
     trunk_calls = pairs if (model.routed and tasks_per_example > 1) else batch_size
-    forward = trunk_calls * trunk_forward_flops(model.backbone) + pairs * head_forward_flops(model)
-    return float(BACKWARD_FACTOR * forward)
+    return float(trunk_calls * trunk_training_flops(model.backbone)
+                 + pairs * BACKWARD_FACTOR * head_forward_flops(model))
