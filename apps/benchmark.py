@@ -91,8 +91,8 @@ def parse_args(argv=None):
                         "killed or failed at some T is not run at larger T")
     p.add_argument("--memory-limit-mib", type=float, default=None,
                    help="kill a case past this RSS (default: 8 GiB or half the available memory, the smaller)")
-    p.add_argument("--peak-size", type=int, default=d.peak_size,
-                   help="side of the square matrices whose matmul rate is taken as the machine's peak")
+    p.add_argument("--peak-sizes", type=int, nargs="+", default=list(d.peak_sizes),
+                   help="sides of the square matrices whose best matmul rate is taken as the machine's peak")
     p.add_argument("--output", default=None,
                    help="folder for benchmark.json and benchmark.md (default runs/benchmark/<timestamp>)")
     return p.parse_args(argv)
@@ -107,7 +107,7 @@ def main(argv=None):
         memory_limit_mib=args.memory_limit_mib, classes=args.classes, k=args.k, warmup=args.warmup,
         variant_tasks=args.variant_tasks, time_budget=args.time_budget, timeout=args.timeout,
         sharing=args.measure_sharing, sharing_tasks=args.sharing_tasks, sharing_only=args.sharing_only,
-        sharing_run_steps=args.sharing_run_steps or None, peak_size=args.peak_size,
+        sharing_run_steps=args.sharing_run_steps or None, peak_sizes=tuple(args.peak_sizes),
     )
     output = run_directory("benchmark", args.output)
     report = run_benchmark(settings, RunProvenance(argv, program=__file__))

@@ -31,7 +31,7 @@ TINY_MODEL = get_preset("benchmark").replace(batch_size=8, image_size=8, width=4
 
 
 def tiny(**kwargs):
-    return resolve_settings(TINY_MODEL, classes=3, steps=2, warmup=1, peak_size=256, **kwargs)
+    return resolve_settings(TINY_MODEL, classes=3, steps=2, warmup=1, peak_sizes=(256,), **kwargs)
 
 
 def _fake(case, t, step, precision="float32", jit=False, ok=True):
@@ -218,7 +218,7 @@ def test_cases_run_in_subprocesses_and_the_report_is_written(tmp_path):
     assert "| routing_k (k=2) | 3 | float32 |" in md
     assert "--cases plain,routing_k" in md
     assert "Provenance: commit " in md and "quiet machine" not in md
-    assert "Matmul peak of this machine, measured in this run (256² matrices): float32 " in md
+    assert "Matmul peak of this machine, measured in this run (the best of 256² matrices; float32 best at 256²): float32 " in md
 
 
 def test_a_case_that_fails_is_not_retried_at_larger_task_counts(monkeypatch):

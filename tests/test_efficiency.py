@@ -41,9 +41,12 @@ def test_a_steps_flops_are_its_layers_multiply_adds_forward_and_backward():
 
 
 def test_matmul_peak_is_a_positive_rate_from_its_own_timing():
-    peak = matmul_peak("float32", size=128, repeats=2, inner=2)
-    assert peak["flops_per_second"] == pytest.approx(2 * 128**3 * 2 / peak["seconds"])
+    peak = matmul_peak("float32", sizes=(96, 128), repeats=2, inner=2)
+    n = peak["size"]
+    assert peak["flops_per_second"] == pytest.approx(2 * n**3 * 2 / peak["seconds"])
     assert peak["flops_per_second"] > 1e8 and peak["dtype"] == "float32"
+    # The peak is the best size's rate.
+    assert set(peak["by_size"]) == {"96", "128"} and peak["flops_per_second"] == max(peak["by_size"].values())
 
 
 def test_only_layers_fed_by_trainable_weights_need_an_input_gradient():

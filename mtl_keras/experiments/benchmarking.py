@@ -99,8 +99,8 @@ class BenchmarkSettings:
             is weighed against (`sharing_speed.predictions_check_overhead`);
             None: that measurement is skipped.
         quick: fewer steps and rounds in the sharing measurements.
-        peak_size: side of the square matrices of the matmul peak
-            measurement (`efficiency.matmul_peak`).
+        peak_sizes: sides of the square matrices of the matmul peak
+            measurement (`efficiency.matmul_peak`: the best size's rate).
     """
 
     config: TrainConfig
@@ -120,14 +120,14 @@ class BenchmarkSettings:
     sharing_only: bool = False
     sharing_run_steps: int = None
     quick: bool = False
-    peak_size: int = 2048
+    peak_sizes: tuple = efficiency.PEAK_SIZES
 
     def __post_init__(self):
         # Refused here, in a second: a task count or step count of 0 would
         # otherwise run minutes of cases that measure nothing.
         counts = {"num_tasks": self.num_tasks, "sharing_tasks": self.sharing_tasks or [],
                   "variant_tasks": [self.variant_tasks], "classes": [self.classes], "k": [self.k],
-                  "steps": [self.steps], "peak_size": [self.peak_size]}
+                  "steps": [self.steps], "peak_sizes": list(self.peak_sizes)}
         for name, values in counts.items():
             if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
                 raise ValueError(f"{name} ({_flag(name)}) must be whole numbers >= 1, got {values}.")
@@ -599,7 +599,7 @@ def run_benchmark(settings, provenance, log=print):
         peak = None
         if specs:
             # The machine's own peak, in this run, before the cases (in its own process like them).
-            peak = run_in_subprocess({"kind": "peak", "options": {"size": settings.peak_size}}, settings.timeout,
+            peak = run_in_subprocess({"kind": "peak", "options": {"sizes": list(settings.peak_sizes)}}, settings.timeout,
                                      settings.memory_limit_mib)
             log("matmul peak: " + (", ".join(f"{d} {peak[d]['flops_per_second'] / 1e9:.0f} GFLOP/s"
                                               for d in PEAK_DTYPES) if peak.get("ok") else peak.get("error")))

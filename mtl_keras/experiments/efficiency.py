@@ -22,27 +22,41 @@ layer with no trainable weight upstream (the first convolution, on the
 image) needs no input gradient: factor 2."""
 
 
-def matmul_peak(dtype="float32", size=2048, repeats=5, inner=4):
+PEAK_SIZES = (1024, 1536, 2048, 3072)
+"""Matrix sides the peak is measured at. One size is not enough: on the
+2-core AVX2 machine of docs/BENCHMARKS.md, 2048 x 2048 ran at 136 GFLOP/s
+and 1536 x 1536 at 177 GFLOP/s (cache set conflicts at powers of two)."""
+
+
+def matmul_peak(dtype="float32", sizes=PEAK_SIZES, repeats=5, inner=4):
     """The machine's best measured matmul rate, in FLOP/s.
 
-    Runs `inner` chained `size x size` matmuls in one traced function,
-    `repeats` times after a warm-up, and keeps the best: the rate the
-    hardware reaches on the most favourable dense work, in this process's
-    threading.
+    For each side in `sizes`, runs `inner` chained square matmuls in one
+    traced function, `repeats` times after a warm-up, and keeps the best
+    run; the peak is the best size's rate: the rate the hardware reaches on
+    the most favourable dense work, in this process's threading.
 
     Args:
         dtype: `"float32"` or `"bfloat16"` (or any TensorFlow float type).
-        size: the matrices' side; large enough that overheads vanish.
-        repeats: timed runs.
+        sizes: the matrices' sides; large enough that overheads vanish.
+        repeats: timed runs per size.
         inner: matmuls per run.
 
     Returns:
-        `{"dtype", "size", "flops_per_second", "seconds"}`.
+        `{"dtype", "size", "flops_per_second", "seconds", "by_size"}`: the
+        best size, its rate and its run time, and every size's rate.
 
     Example:
 
     >>> matmul_peak("float32")["flops_per_second"] / 1e9   # GFLOP/s
     """
+    by_size = {int(size): _matmul_rate(dtype, int(size), repeats, inner) for size in sizes}
+    size = max(by_size, key=lambda n: by_size[n]["flops_per_second"])
+    return {"dtype": str(dtype), "size": size, **by_size[size],
+            "by_size": {str(n): r["flops_per_second"] for n, r in by_size.items()}}
+
+
+def _matmul_rate(dtype, size, repeats, inner):
     rng = np.random.default_rng(0)
     a = tf.constant(rng.standard_normal((size, size)) / np.sqrt(size), dtype=dtype)
     b = tf.constant(rng.standard_normal((size, size)) / np.sqrt(size), dtype=dtype)
@@ -59,8 +73,7 @@ def matmul_peak(dtype="float32", size=2048, repeats=5, inner=4):
         start = time.perf_counter()
         chain(a).numpy()
         best = min(best, time.perf_counter() - start)
-    flops = 2.0 * size**3 * inner
-    return {"dtype": str(dtype), "size": size, "flops_per_second": flops / best, "seconds": best}
+    return {"flops_per_second": 2.0 * size**3 * inner / best, "seconds": best}
 
 
 def _forward_flops_per_call(layer):
