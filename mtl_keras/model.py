@@ -439,6 +439,21 @@ class MultiTaskModel(GuardedModel):
                 v.assign(value)
         return ops.convert_to_tensor(global_losses)
 
+    def training_task_losses(self, data):
+        """Global per-task losses `[T]` of a batch in training mode, without a gradient.
+
+        The look FAMO's same-batch mode takes after each update (batch
+        statistics and dropout as in training; batch norm's moving
+        statistics left as they were). `apps/benchmark.py` times it as the
+        floor of that mode's cost.
+
+        Args:
+            data: a batch as `fit` gets it, `(x, y)` or `(x, y, sample_weight)`.
+        """
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        pairs = self.make_pairs(x, y, sample_weight, training=True)
+        return self._task_losses_now(pairs, training=True)
+
     def _update_metrics(self, objective, step):
         pairs = step.pairs
         if self._loss_tracker is not None:

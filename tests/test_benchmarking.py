@@ -128,6 +128,10 @@ def test_issue_10_targets_judge_memory_at_every_t_and_steps_against_the_plain_mo
     assert weighting_of_case("routing") == (None, {})
     lazy = scale_targets(results + [_fake("w:famo:loss_after_update=next_batch", 50, 0.1)])
     assert lazy["famo:loss_after_update=next_batch_step_over_plain_T50"]["met"] is True
+    # The plain step's forward pass, where timed, gives the least an added forward pass costs; no verdict.
+    results[0]["forward_share"] = 0.25
+    floor = scale_targets(results)["one_forward_pass_over_plain_step_T50"]
+    assert floor["value"] == pytest.approx(1.25) and floor["met"] is None
     md = markdown({"command": "c", "machine": "m", "setup": "s", "results": results, "targets": found,
                    "fastest": {}, "sharing": None, "provenance": FAKE_PROVENANCE})
     assert "| pcgrad_peak_rss_T312 | 5,000 MiB | <= 4,096 MiB | NO |" in md
@@ -207,6 +211,8 @@ def test_cases_run_in_subprocesses_and_the_report_is_written(tmp_path):
             r["train_flops_per_step"] / r["step_seconds"] / report["matmul_peak"]["float32"]["flops_per_second"])
         assert 0 < r["fraction_of_peak"] < 1
     assert by["routing_k"]["pairs_per_second"] == pytest.approx(2 * by["routing_k"]["examples_per_second"])
+    # One training-mode forward pass, timed beside the plain step (FAMO's same-batch look).
+    assert 0 < by["plain"]["forward_share"] < 2 and "forward_seconds" not in by["routing_k"]
     assert by["routing_k"]["parameters"] > by["plain"]["parameters"]  # + the routing masks
 
     saved = json.loads((tmp_path / "benchmark.json").read_text())

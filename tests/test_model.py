@@ -91,6 +91,23 @@ def test_train_step_per_task_losses_match_reference_and_ignore_missing_labels():
     assert 0.0 <= logs["mean_accuracy"] <= 1.0 and "d/mse" in logs and "d/mae" in logs
 
 
+def test_training_task_losses_are_the_batch_losses_in_training_mode_and_move_no_statistics():
+    model = small_model()
+    x, y = per_example_batch()
+    bn = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    before = [l.moving_mean.numpy().copy() for l in bn]
+    losses = keras.ops.convert_to_numpy(model.training_task_losses((x, y)))
+    for l, b in zip(bn, before):
+        np.testing.assert_array_equal(l.moving_mean.numpy(), b)
+    # Training mode: the batch's own statistics, hence the training-mode logits.
+    logits = keras.ops.convert_to_numpy(model(x, training=True))
+    ref = np_losses(logits, y, x["task"])
+    t = x["task"]
+    np.testing.assert_allclose(losses, [ref[t == k].mean() for k in range(4)], rtol=1e-4)
+    eval_losses = np_losses(model.predict(x, verbose=0), y, t)
+    assert not np.allclose(losses, [eval_losses[t == k].mean() for k in range(4)], rtol=1e-3)
+
+
 def test_task_weight_scales_its_loss_in_the_objective():
     tasks = TaskSet([Task("a", "multiclass", 3, weight=3.0), Task("b", "multiclass", 5, weight=0.0)])
     model = small_model(tasks)
