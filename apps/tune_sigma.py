@@ -45,7 +45,8 @@ from mtl_keras.tuning import (  # noqa: E402
 )
 
 # Searched, or fixed by the search: not flags of this app.
-NOT_FLAGS = ("sigma", "head_dropout", "weighting", "sharing", "sharing_epoch", "sharing_options", "jit_compile")
+NOT_FLAGS = ("sigma", "head_dropout", "weighting", "sharing", "sharing_epoch", "sharing_options", "jit_compile",
+             "precision")
 
 
 def parse_args(argv=None):

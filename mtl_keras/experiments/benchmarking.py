@@ -290,16 +290,21 @@ def make_data(spec):
     return ds.prefetch(2)
 
 
+def case_model(spec):
+    """The compiled model of a case spec: T synthetic tasks of `classes` classes."""
+    tasks = TaskSet([Task(f"task_{i}", "multiclass", spec["classes"]) for i in range(spec["num_tasks"])])
+    size = spec["image_size"]
+    weighting = spec["weighting"] and get_weighting(spec["weighting"], **spec.get("weighting_kwargs", {}))
+    return build_model(model_config(spec), tasks, (size, size, 1), weighting=weighting,
+                       tasks_per_step=spec["tasks_per_step"], seed=0)
+
+
 def run_case(spec):
     """Builds, warms up and times one model in this process; returns a result dict."""
     keras.utils.set_random_seed(0)
     ds = make_data(spec)
     rss_before = _rss_kib()
-    tasks = TaskSet([Task(f"task_{i}", "multiclass", spec["classes"]) for i in range(spec["num_tasks"])])
-    size = spec["image_size"]
-    weighting = spec["weighting"] and get_weighting(spec["weighting"], **spec.get("weighting_kwargs", {}))
-    model = build_model(model_config(spec), tasks, (size, size, 1), weighting=weighting,
-                        tasks_per_step=spec["tasks_per_step"], seed=0)
+    model = case_model(spec)
     warmup, steps = spec["warmup"], spec["steps"]
 
     class StepTimer(keras.callbacks.Callback):
