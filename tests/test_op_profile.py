@@ -34,6 +34,8 @@ def test_a_recorded_profile_holds_the_ops_that_ran(tmp_path):
     times = op_profile.op_times(path)
     types = {t for _, t in times}
     assert {"Conv2D", "MaxPool", "MatMul"} <= types, types
+    # Only ops: not the executor's events that enclose them (counted twice otherwise).
+    assert not any("::" in name or name.startswith("ExecutorState") for name, _ in times)
     summary = op_profile.summarize(times, 3, wall, top=3)
     assert sum(v["share"] for v in summary["kinds"].values()) == pytest.approx(1.0)
     assert summary["kinds"]["convolution"]["ms_per_call"] > 0 and len(summary["top_ops"]) == 3

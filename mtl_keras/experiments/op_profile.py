@@ -84,6 +84,8 @@ def op_times(xplane_path):
                 continue
             for event in line.events:
                 name = metadata[event.metadata_id].name
+                if "::" in name:  # the executor's own events (e.g. ExecutorState::Process), which hold ops
+                    continue
                 # TensorFlow op events are named "<scope>/<op>:<OpType>".
                 op_name, sep, op_type = name.rpartition(":")
                 if not sep or not op_type or " " in op_type or op_type in IGNORED_TYPES:
