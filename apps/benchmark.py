@@ -45,13 +45,16 @@ import dataclasses
 
 from mtl_keras.app_errors import exit_on_user_error
 from mtl_keras.experiments.benchmark_report import text_report, write_report
-from mtl_keras.experiments.benchmarking import FULL_TASKS, BenchmarkSettings, resolve_settings, run_benchmark
+from mtl_keras.experiments.benchmarking import (
+    FULL_TASKS,
+    MODEL_FLAGS,
+    BenchmarkSettings,
+    resolve_settings,
+    run_benchmark,
+)
 from mtl_keras.experiments.provenance import RunProvenance, run_directory
 from mtl_keras.presets import TrainConfig, add_config_arguments, config_from_args, get_preset
 
-# Only the model's shape matters to speed; the training settings are fixed
-# (benchmarking.FIXED_TRAINING), the data are synthetic.
-MODEL_FLAGS = ("image_size", "batch_size", "width", "depth", "head_units", "sigma")
 # The README's default run: 16 epochs of ceil(22,722 / 128) = 178 batches of the Omniglot training
 # split. One predictions check (once, at the default --sharing-epoch) is weighed against it.
 DEFAULT_RUN_STEPS = get_preset("default").epochs * -(-22_722 // get_preset("default").batch_size)

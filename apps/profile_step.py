@@ -17,17 +17,16 @@ ends the app with a line "profile_step: error: ..." and status 2.
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
+
+import keras
 
 from mtl_keras.app_errors import exit_on_user_error
 from mtl_keras.experiments import benchmarking, op_profile
 from mtl_keras.experiments.provenance import RunProvenance, describe, run_directory
 from mtl_keras.presets import PRECISIONS, TrainConfig, add_config_arguments, config_from_args
 from mtl_keras.reporting import markdown_table, write_json
-
-MODEL_FLAGS = ("image_size", "batch_size", "width", "depth", "head_units", "sigma")
 
 
 def parse_args(argv=None):
@@ -37,8 +36,8 @@ def parse_args(argv=None):
                         "(as apps/benchmark.py)")
     p.add_argument("--num-tasks", type=int, default=50, help="task count T")
     add_config_arguments(p, preset="benchmark", exclude=[f.name for f in dataclasses.fields(TrainConfig)
-                                                        if f.name not in MODEL_FLAGS])
-    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="Keras dtype policy")
+                                                        if f.name not in benchmarking.MODEL_FLAGS])
+    p.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS, help="Keras dtype policy")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile the step")
     p.add_argument("--steps", type=int, default=10, help="profiled steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing)")
@@ -83,8 +82,6 @@ def main(argv=None):
     output = run_directory("profile_step", args.output)
     provenance = RunProvenance(argv, program="apps/profile_step.py")
     with provenance:
-        import keras
-
         keras.utils.set_random_seed(0)
         model = benchmarking.case_model(spec)
         data = benchmarking.make_data(spec)
@@ -94,7 +91,7 @@ def main(argv=None):
                                                 str(Path(output) / "trace"))
         summary = op_profile.summarize(op_profile.op_times(xplane), args.steps, wall, top=args.top,
                                        optimizer_scope=model.optimizer.name + "/")
-        flops = benchmarking.efficiency.training_flops_per_step(model, spec["batch_size"])
+        flops = benchmarking.case_flops_per_step(model, spec)
     report = {"case": args.case, "num_tasks": args.num_tasks, "precision": args.precision,
               "jit_compile": args.jit_compile, "summary": summary, "train_flops_per_step": flops,
               "gflops_per_second": flops / (summary["wall_ms_per_call"] / 1e3) / 1e9,

@@ -56,10 +56,10 @@ def peak_line(peak):
     if not peak.get("ok"):
         return f"The matmul peak measurement failed: {peak.get('error')}."
     rates = ", ".join(f"{d} {v['flops_per_second'] / 1e9:.0f} GFLOP/s" for d, v in peak.items() if isinstance(v, dict))
-    best = next(v for v in peak.values() if isinstance(v, dict))
-    sizes = ", ".join(f"{n}²" for n in best.get("by_size", {best["size"]: None}))
+    float32 = peak["float32"]
+    sizes = ", ".join(f"{n}²" for n in float32.get("by_size", {float32["size"]: None}))
     return (f"Matmul peak of this machine, measured in this run (the best of {sizes} matrices; float32 best at "
-            f"{best['size']}²): {rates}.")
+            f"{float32['size']}²): {rates}.")
 
 
 def markdown(report):

@@ -65,6 +65,9 @@ TARGET_FAMO_STEP = 1.2  # w:famo step <= 1.2 x plain step, at every T
 TARGET_ROUTING_EFFICIENCY = 0.5  # routing at T = 50 reaches >= 50% of the float32 matmul peak
 PEAK_DTYPES = ("float32", "bfloat16")
 # The compute type of each precision policy, whose matmul peak a case is measured against.
+# The TrainConfig fields a case's model takes (model_config); the apps offer only these as flags.
+# Only the model's shape matters to speed; the training settings are fixed (FIXED_TRAINING).
+MODEL_FLAGS = ("image_size", "batch_size", "width", "depth", "head_units", "sigma")
 PRECISION_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16"}
 
 # Speed hardly depends on these; they stay what docs/BENCHMARKS.md was measured
@@ -299,6 +302,12 @@ def case_model(spec):
                        tasks_per_step=spec["tasks_per_step"], seed=0)
 
 
+def case_flops_per_step(model, spec):
+    """The counted FLOPs of one training step of a case (`efficiency.training_flops_per_step`)."""
+    per_example = spec["tasks_per_step"] if spec["data"] == "multi" else 1
+    return efficiency.training_flops_per_step(model, spec["batch_size"], per_example)
+
+
 def run_case(spec):
     """Builds, warms up and times one model in this process; returns a result dict."""
     keras.utils.set_random_seed(0)
@@ -353,8 +362,7 @@ def run_case(spec):
             tf.function(model.training_task_losses, jit_compile=spec["jit_compile"]), iter(ds), warmup,
             max(len(timed), 3))
         result["forward_share"] = result["forward_seconds"] / step
-    per_example = spec["tasks_per_step"] if spec["data"] == "multi" else 1
-    result["train_flops_per_step"] = efficiency.training_flops_per_step(model, spec["batch_size"], per_example)
+    result["train_flops_per_step"] = case_flops_per_step(model, spec)
     result["achieved_flops_per_second"] = result["train_flops_per_step"] / step
     if tf.config.list_physical_devices("GPU"):
         result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
