@@ -96,6 +96,9 @@ def parse_args(argv=None):
                    help="kill a case past this RSS (default: 8 GiB or half the available memory, the smaller)")
     p.add_argument("--peak-sizes", type=int, nargs="+", default=list(d.peak_sizes),
                    help="sides of the square matrices whose best matmul rate is taken as the machine's peak")
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="run the grid of cases this many times, round after round; a case's step is the median "
+                        "of its rounds (steadier ratios on a machine whose speed drifts)")
     p.add_argument("--output", default=None,
                    help="folder for benchmark.json and benchmark.md (default runs/benchmark/<timestamp>)")
     return p.parse_args(argv)
@@ -110,7 +113,7 @@ def main(argv=None):
         memory_limit_mib=args.memory_limit_mib, classes=args.classes, k=args.k, warmup=args.warmup,
         variant_tasks=args.variant_tasks, time_budget=args.time_budget, timeout=args.timeout,
         sharing=args.measure_sharing, sharing_tasks=args.sharing_tasks, sharing_only=args.sharing_only,
-        sharing_run_steps=args.sharing_run_steps or None, peak_sizes=tuple(args.peak_sizes),
+        sharing_run_steps=args.sharing_run_steps or None, peak_sizes=tuple(args.peak_sizes), rounds=args.rounds,
     )
     output = run_directory("benchmark", args.output)
     report = run_benchmark(settings, RunProvenance(argv, program=__file__))

@@ -34,7 +34,7 @@ from mtl_keras.reporting import ensure_writable_dir, text_table
 # flags for them would be ignored; routing_mode stays the preset's because the
 # budget line that --reuse matches does not name it.
 NOT_FLAGS = ("sigma", "routing_mode", "weighting", "sharing", "sharing_epoch", "sharing_options", "seed", "strategy",
-             "precision")  # precision: the single-task baselines build their own models
+             "precision", "optimizer")  # precision, optimizer: the single-task baselines build their own models
 # docs/RESULTS.md's v0.1 table was made with "comparison" (BN momentum 0.9: the
 # train app's 0.99 needed more steps at v0.1's 12 epochs); "default" is the
 # main app's recipe, for comparisons at it.

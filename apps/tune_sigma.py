@@ -46,7 +46,7 @@ from mtl_keras.tuning import (  # noqa: E402
 
 # Searched, or fixed by the search: not flags of this app.
 NOT_FLAGS = ("sigma", "head_dropout", "weighting", "sharing", "sharing_epoch", "sharing_options", "jit_compile",
-             "precision")
+             "precision", "optimizer")  # the tuner's hypermodel builds and compiles its own models
 
 
 def parse_args(argv=None):

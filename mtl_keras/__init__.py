@@ -10,6 +10,7 @@ from mtl_keras.metrics import PerTaskMean  # noqa: E402
 from mtl_keras.model import MultiTaskModel  # noqa: E402
 # Registers the learning-rate schedule, so `import mtl_keras` is all that
 # loading a saved model (whose optimizer holds the schedule) needs.
+from mtl_keras.lazy_adam import LazyAdam  # noqa: E402
 from mtl_keras.schedules import WarmupStableDecay  # noqa: E402
 from mtl_keras.tasks import Task, TaskSet  # noqa: E402
 

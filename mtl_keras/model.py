@@ -42,7 +42,7 @@ from mtl_keras.guarded_model import GuardedModel
 from mtl_keras.input_checks import check_fraction
 from mtl_keras.layers.task_heads import TaskHeads
 from mtl_keras.metrics import PerTaskMean
-from mtl_keras.optimizers import prune_optimizer
+from mtl_keras.optimizers import load_state_of_other_layout, zero_optimizer_rows
 from mtl_keras.step import Pairs, StepContext
 from mtl_keras.task_losses import TaskTable, pair_losses, pair_metrics, sanitize_labels
 from mtl_keras.tasks import TaskSet
@@ -189,9 +189,10 @@ class MultiTaskModel(GuardedModel):
     def set_estimator_of_task(self, estimator_of_task):
         """Regroups the heads: task t will use the estimator of head `estimator_of_task[t]`.
 
-        See `TaskHeads.set_estimator_of_task`. The optimizer (built on the
-        original variables) goes on with the surviving weights' state and
-        forgets the dropped ones'. Compiled step functions are rebuilt at
+        See `TaskHeads.set_estimator_of_task`. The optimizer goes on with
+        the surviving estimators' state; the dropped estimators' rows of the
+        stacked variables are zeroed, and so is the optimizer's state of
+        those rows (`optimizers.zero_optimizer_rows`). Compiled step functions are rebuilt at
         their next use, so this is safe to call from a callback during
         `fit()`.
 
@@ -203,7 +204,7 @@ class MultiTaskModel(GuardedModel):
         """
         dropped = self.task_heads.set_estimator_of_task(estimator_of_task)
         if dropped and self.optimizer is not None:
-            prune_optimizer(self.optimizer, self.trainable_variables)
+            zero_optimizer_rows(self.optimizer, self.task_heads.stacked_estimator_variables(), dropped)
         if self.train_function is not None:
             # fit() fetches `self.train_function` before every step, so a
             # retrace here takes effect at the next step of the same fit().
@@ -484,11 +485,22 @@ class MultiTaskModel(GuardedModel):
         variables = self.trainable_variables
         grads = weighting.compute_gradients(tape, scaled, variables, step)
         del tape
+        if not self._optimizer_takes_row_slices():
+            # Keras' optimizers would densify the heads' row gradients once
+            # per use inside their update (Adam: twice); do it once here.
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         for observer in self.gradient_observers:
             observer(variables, grads, step)
         self.optimizer.apply(grads, variables)
         weighting.end_train_step(step)
         return self._update_metrics(objective, step)
+
+    def _optimizer_takes_row_slices(self):
+        """Whether the optimizer updates row gradients sparsely (`LazyAdam.sparse_updates`)."""
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        return bool(getattr(optimizer, "sparse_updates", False))
 
     def test_step(self, data):
         objective, step = self._step(data, training=False)
@@ -551,6 +563,41 @@ class MultiTaskModel(GuardedModel):
         # any later regrouping may keep.
         with self.distribute_strategy.scope():
             self.optimizer.build(self.trainable_variables)
+        self._load_per_head_optimizer_state_too(self.optimizer)
+
+    def _load_per_head_optimizer_state_too(self, optimizer):
+        """Lets `optimizer` load state saved before the heads' weights were stacked.
+
+        Files written until then (0.1.0) hold one slot per head variable;
+        the optimizer now has one per stacked variable, and Keras would skip
+        (with a warning) state whose variable count differs. The optimizer's
+        `load_own_variables` is wrapped to convert such state instead
+        (`optimizers.load_state_of_other_layout`, `TaskHeads.stack_per_head`).
+        """
+        heads = self.task_heads
+        variables = list(self.trainable_variables)
+        keys = {id(v) for v in heads.trainable_variables}
+        at = [i for i, v in enumerate(variables) if id(v) in keys]
+        first, last = at[0], at[-1] + 1
+        if at != list(range(first, last)):
+            return  # the heads' variables are not side by side: no conversion offered
+        before, after = variables[:first], variables[last:]
+        other_shapes = [tuple(v.shape) for v in before] + heads.per_head_shapes() + [tuple(v.shape) for v in after]
+        split = len(before), len(other_shapes) - len(after)
+
+        def to_this_layout(slots):
+            middle = slots[split[0]:split[1]]
+            stacked = None if all(x is None for x in middle) else heads.stack_per_head(middle)
+            return slots[:split[0]] + (stacked or [None] * (last - first)) + slots[split[1]:]
+
+        keras_load = optimizer.load_own_variables
+
+        def load_own_variables(store):
+            if len(store.keys()) == len(optimizer.variables) or not load_state_of_other_layout(
+                    optimizer, store, other_shapes, to_this_layout):
+                keras_load(store)
+
+        optimizer.load_own_variables = load_own_variables
 
     def compile_from_config(self, config):
         # Keras skips this for models that override compile(); ours takes the
@@ -561,6 +608,11 @@ class MultiTaskModel(GuardedModel):
         self.compile(**config)
 
     # ------------------------------------------------------------------ config
+    def count_params(self):
+        """Parameters in use: the zeroed rows of estimators dropped by merges are not counted
+        (see `TaskHeads.count_params`)."""
+        return int(super().count_params()) - self.task_heads.dropped_parameter_count()
+
     def head_parameter_count(self):
         """Parameters of the heads (estimators and output layers)."""
         return int(self.task_heads.count_params())

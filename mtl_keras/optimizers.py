@@ -1,4 +1,4 @@
-"""Optimizer surgery after a merge: the one module that touches Keras optimizer internals.
+"""Optimizer surgery (merges, files of another layout): the one module that touches Keras optimizer internals.
 
 Written against the private optimizer layout of **Keras 3.15.1** (the
 TensorFlow backend's `TFOptimizer` on `keras.src.optimizers.BaseOptimizer`):
@@ -22,6 +22,8 @@ on every built-in optimizer.
 """
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras.src.utils.tracking import DotNotTrackScope
 
 KERAS_VERSION = "3.15.1"
@@ -31,7 +33,7 @@ def _layout_error(optimizer, problem):
     return RuntimeError(
         f"mtl_keras.optimizers is written against the private optimizer layout of Keras "
         f"{KERAS_VERSION}; with Keras {keras.__version__}, {type(optimizer).__name__} "
-        f"{optimizer.name!r} differs: {problem}. Merging estimators cannot prune its state "
+        f"{optimizer.name!r} differs: {problem}. Its state cannot be zeroed by rows or converted between layouts "
         "safely; update mtl_keras/optimizers.py (and tests/test_optimizers.py) to this Keras."
     )
 
@@ -51,7 +53,7 @@ def _slot_lists(optimizer):
 
 def check_optimizer_layout(optimizer):
     """Raises a `RuntimeError` naming the Keras version when a built optimizer's
-    private layout is not the one `prune_optimizer` relies on (see the module
+    private layout is not the one this module relies on (see the module
     docstring); returns None when it is."""
     for name, kind in (
         ("_trainable_variables", list),
@@ -80,55 +82,92 @@ def check_optimizer_layout(optimizer):
         )
 
 
-def prune_optimizer(optimizer, keep_variables):
-    """Forgets the optimizer state of variables not in `keep_variables`.
+def _inner(optimizer):
+    return optimizer.inner_optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else optimizer
 
-    Keras 3 optimizers keep one slot per variable they were built with (Adam's
-    momentum and velocity, EMA, gradient accumulators) in lists indexed by
-    the variable's position. After a merge drops estimator variables, their
-    slots would still be saved, and a `.keras` reload (whose optimizer is
-    built on the surviving variables only) could not match them. Removing
-    them keeps the surviving slots (same objects, same values) in the order a
-    fresh build on the surviving variables gives. No variable is created.
+
+def zero_optimizer_rows(optimizer, variables, rows):
+    """Zeroes the optimizer's state of some rows of some variables.
+
+    After a merge, the rows of `TaskHeads`' stacked variables that held a
+    dropped estimator are zeroed and no pair reads them again. Their
+    momentum, velocity or accumulators are zeroed here too, so that an
+    optimizer that updates every row (Adam, say, which would go on moving
+    a row with its momentum) leaves them at zero. Only slots shaped like
+    their variable have rows; others (e.g. Adafactor's factored moments)
+    are left as they are. No variable is created or removed.
 
     Args:
-        optimizer: a Keras optimizer (a `LossScaleOptimizer` is pruned with
-            its inner optimizer); nothing happens when it is not built yet.
-        keep_variables: the model variables whose state survives, e.g. the
-            model's `trainable_variables` after the merge.
+        optimizer: a Keras optimizer (a `LossScaleOptimizer`'s inner one is
+            used); nothing happens when it is not built yet.
+        variables: model variables whose first axis is indexed by `rows`.
+        rows: row indices.
 
     Raises:
         RuntimeError: when the optimizer's private layout is not the one of
             the Keras version this module is written against.
-
-    Example:
-
-    >>> model.heads[1].drop_estimator()  # its variables leave the model
-    >>> prune_optimizer(model.optimizer, model.trainable_variables)
     """
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        prune_optimizer(optimizer.inner_optimizer, keep_variables)
-    if not optimizer.built:
+    optimizer = _inner(optimizer)
+    if not optimizer.built or not len(rows):
         return
     check_optimizer_layout(optimizer)
-    old = list(optimizer._trainable_variables)
-    keep_keys = {optimizer._var_key(v) for v in keep_variables}
-    kept = [i for i, v in enumerate(old) if optimizer._var_key(v) in keep_keys]
-    if len(kept) == len(old):
-        return
-    kept_set = set(kept)
-    removed = set()
-    originally_tracked = list(optimizer._variables)
-    with DotNotTrackScope():  # Keras' tracker must not re-collect what we set
-        for name, value in _slot_lists(optimizer).items():
-            removed.update(id(x) for i, x in enumerate(value) if i not in kept_set and x is not None)
-            setattr(optimizer, name, [value[i] for i in kept])
-        survivors = [old[i] for i in kept]
-        optimizer._trainable_variables = survivors
-        # A new list rather than deleting from the old one: TensorFlow refuses
-        # to save (SavedModel export) a tracked list that had items deleted.
-        optimizer._variables = [v for v in originally_tracked if id(v) not in removed]
-    optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(survivors)}
-    store = optimizer._variables
-    optimizer._tracker.config["variables"] = (optimizer._tracker.config["variables"][0], store)
-    optimizer._tracker.stored_ids["variables"] = {id(v) for v in store}
+    index = tf.constant(list(rows), "int32")
+    positions = [optimizer._trainable_variables_indices.get(optimizer._var_key(v)) for v in variables]
+    for slots in _slot_lists(optimizer).values():
+        for variable, i in zip(variables, positions):
+            slot = None if i is None else slots[i]
+            if slot is None or tuple(slot.shape) != tuple(variable.shape):
+                continue
+            zeros = tf.zeros((len(rows),) + tuple(slot.shape[1:]), slot.dtype)
+            slot.value.scatter_update(tf.IndexedSlices(zeros, index))
+
+
+def load_state_of_other_layout(optimizer, store, other_shapes, to_this_layout):
+    """Loads optimizer state saved for variables of another layout, converted to this one.
+
+    Builds a twin of `optimizer` (same class and config) on placeholder
+    variables of `other_shapes`, loads `store` into it as Keras would, then
+    sets each of this optimizer's per-variable slots with
+    `to_this_layout(slots)`, where `slots` are the twin's slots of one kind
+    (e.g. Adam's momentums), aligned with `other_shapes`; non-slot state
+    (iterations, learning rate, loss scale) is copied in order.
+
+    Args:
+        optimizer: the built optimizer to fill.
+        store: the saved optimizer state (`load_own_variables`' argument).
+        other_shapes: the shapes of the variables the state was saved for, in order.
+        to_this_layout: `list of numpy arrays or None` (a slot per other
+            variable) -> `list of numpy arrays or None` (a slot per variable
+            of `optimizer`).
+
+    Returns:
+        True when the state was loaded; False when the store does not match
+        the other layout either (nothing is changed then).
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return False  # its own variables (the loss scale) would need a twin of the wrapper too
+    inner = optimizer
+    twin = type(inner).from_config(inner.get_config())
+    with DotNotTrackScope():
+        placeholders = [keras.Variable(np.zeros(shape, "float32"), trainable=True, name=f"v{i}")
+                        for i, shape in enumerate(other_shapes)]
+    twin.build(placeholders)
+    if len(store.keys()) != len(twin.variables):
+        return False
+    twin.load_own_variables(store)
+    check_optimizer_layout(twin)
+    check_optimizer_layout(inner)
+    theirs, ours = _slot_lists(twin), _slot_lists(inner)
+    if set(theirs) != set(ours):
+        return False
+    for name, slots in theirs.items():
+        converted = to_this_layout([None if x is None else np.asarray(x.numpy()) for x in slots])
+        for target, value in zip(ours[name], converted):
+            if target is not None and value is not None:
+                target.assign(value)
+    in_slots = lambda o: {id(x) for slots in _slot_lists(o).values() for x in slots if x is not None}
+    their_other = [v for v in twin.variables if id(v) not in in_slots(twin)]
+    our_other = [v for v in inner.variables if id(v) not in in_slots(inner)]
+    for target, value in zip(our_other, their_other):
+        target.assign(value.numpy())
+    return True

@@ -28,6 +28,8 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 # Keras dtype policies a model can train in (keras.mixed_precision).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# adam: keras.optimizers.Adam; lazy_adam: mtl_keras.lazy_adam.LazyAdam.
+OPTIMIZERS = ("adam", "lazy_adam")
 
 
 def _option(default, help, group, choices=None, positive=False, nonnegative=False, fraction=None, check=None):
@@ -98,6 +100,9 @@ class TrainConfig:
     # training
     epochs: int = _option(16, "training epochs", "training", positive=True)
     batch_size: int = _option(128, "global batch size (split over replicas)", "training", positive=True)
+    optimizer: str = _option("adam", "adam (Keras' Adam) or lazy_adam (Adam on the rows of the heads a batch uses "
+                             "only, so that with many tasks a step hardly grows with their count; heads without "
+                             "examples keep weights and moments; mtl_keras.lazy_adam)", "training", OPTIMIZERS)
     lr: float = _option(2e-3, "Adam learning rate (the peak, with a schedule)", "training", positive=True)
     lr_schedule: str = _option("wsd", "learning-rate schedule: constant; cosine (decay to 0 over the run "
                                "after a linear warm-up); wsd (warm-up, the peak held, linear decay to 0 over the "

@@ -47,14 +47,17 @@ class TaskTable:
         return ops.take(ops.convert_to_tensor(array), task_ids, axis=0)
 
 
-def gather_task_logits(all_logits, task_ids, table):
+def gather_task_logits(all_logits, task_ids, table, offsets=None):
     """Each pair's own task's logits out of the concatenated outputs of all tasks.
 
     Args:
         all_logits: `[P, sum of num_outputs]`, every task's output layer
-            applied to every pair.
+            applied to every pair (or the output layers of some tasks, side
+            by side, with `offsets`).
         task_ids: `[P]` int32.
         table: the `TaskTable`.
+        offsets: `[P]` int32, the column of each pair's task's first output
+            in `all_logits`; None: the task's offset among all tasks.
 
     Returns:
         `[P, max_outputs]` logits; positions past a task's `num_outputs` are
@@ -62,7 +65,9 @@ def gather_task_logits(all_logits, task_ids, table):
     """
     positions = ops.arange(table.max_outputs, dtype="int32")[None, :]
     valid = table.take(table.valid_outputs, task_ids)
-    index = ops.where(valid, table.take(table.offsets, task_ids)[:, None] + positions, 0)
+    if offsets is None:
+        offsets = table.take(table.offsets, task_ids)
+    index = ops.where(valid, offsets[:, None] + positions, 0)
     logits = ops.take_along_axis(all_logits, index, axis=1)
     fill = ops.where(table.take(table.is_multiclass, task_ids), INVALID_LOGIT, 0.0)[:, None]
     return ops.where(valid, logits, ops.cast(fill, logits.dtype))

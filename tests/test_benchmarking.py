@@ -244,3 +244,34 @@ def test_a_case_that_fails_is_not_retried_at_larger_task_counts(monkeypatch):
     assert calls == [("plain", 10), ("routing", 10), ("plain", 50)]
     skipped = results[-1]
     assert skipped["case"] == "routing" and skipped["error"] == "skipped: failed at T=10"
+
+
+def test_rounds_run_the_grid_round_after_round_and_a_case_takes_its_median(monkeypatch):
+    calls = []
+    steps = iter([0.30, 0.50, 0.10, 0.60, 0.20, 0.40])  # plain, routing; plain, routing; ...
+
+    def fake_run(spec, timeout, memory_limit_mib):
+        if spec.get("kind") == "peak":
+            return {"ok": False, "error": "not measured here"}
+        calls.append(spec["case"])
+        step = next(steps)
+        return {"ok": True, "step_seconds": step, "step_seconds_min": step / 2, "examples_per_second": 1.0,
+                "pairs_per_second": 1.0, "peak_rss_mib": 100.0 + 10 * len(calls), "train_rss_mib": 1.0,
+                "parameters": 1, "train_flops_per_step": 1e9, "achieved_flops_per_second": 1.0}
+
+    monkeypatch.setattr(benchmarking, "run_in_subprocess", fake_run)
+    settings = tiny(num_tasks=[10], cases=["plain", "routing"], variants=False, sharing=False, rounds=3)
+    with RunProvenance(["--rounds", "3"]) as prov:
+        report = run_benchmark(settings, prov, log=lambda line: None)
+    assert calls == ["plain", "routing"] * 3
+    by_case = {r["case"]: r for r in report["results"]}
+    assert len(report["results"]) == 2 and by_case["plain"]["rounds"] == 3
+    assert by_case["plain"]["step_seconds_rounds"] == [0.30, 0.10, 0.20]
+    assert by_case["plain"]["step_seconds"] == pytest.approx(0.20)
+    assert by_case["routing"]["step_seconds"] == pytest.approx(0.50)
+    assert by_case["routing"]["ratio_vs_plain"] == pytest.approx(2.5)
+    assert by_case["plain"]["examples_per_second"] == pytest.approx(settings.config.batch_size / 0.20)
+    assert by_case["routing"]["peak_rss_mib"] == 160.0  # the largest of its rounds
+    assert "3 rounds" in report["setup"]
+    with pytest.raises(ValueError, match="--rounds"):
+        tiny(rounds=0)

@@ -237,6 +237,33 @@ def test_per_pair_matmul_promotes_16_bit_features_like_einsum():
     assert out.dtype == tf.float32 and np.all(out.numpy() == 4)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_task_heads_gradient_names_only_the_estimator_rows_the_batch_uses(jit):
+    tasks = TaskSet([Task(f"t{i}", "multiclass", 3) for i in range(6)])
+    # tanh: no unit is dead, so every row a pair uses gets a gradient.
+    heads = TaskHeads(tasks, hidden_units=(4,), activation="tanh", estimator_of_task=[0, 1, 1, 3, 4, 5])
+    features = tf.constant(np.random.default_rng(0).normal(size=(5, 8)), "float32")
+    task_ids = tf.constant([2, 0, 2, 1, 5], "int32")  # owners 1, 0, 1, 1, 5
+    heads(features, task_ids)
+
+    def gradient():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(heads(features, task_ids) ** 2)
+        return tape.gradient(loss, heads.estimator_kernels[0])
+
+    g = tf.function(gradient, jit_compile=True)() if jit else gradient()
+    assert isinstance(g, tf.IndexedSlices)
+    if not jit:  # each row once (under XLA, one slice per pair, summed by the optimizer)
+        assert sorted(g.indices.numpy().tolist()) == [0, 1, 5]
+    dense = tf.convert_to_tensor(g).numpy()
+    assert np.all(np.any(dense[[0, 1, 5]] != 0, axis=(1, 2))) and not np.any(dense[[2, 3, 4]])
+    # The output layers: the units of tasks 0, 1, 2 and 5 (3 each, rows 3t to 3t + 2).
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(heads(features, task_ids) ** 2)
+    g = tape.gradient(loss, heads.output_kernel)
+    assert isinstance(g, tf.IndexedSlices) and sorted(g.indices.numpy().tolist()) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 15, 16, 17]
+
+
 def test_task_heads_own_the_dropout_and_their_heads_have_none():
     heads = TaskHeads(head_tasks(), hidden_units=(64,), dropout=0.5)
     features = np.ones((16, 8), "float32")

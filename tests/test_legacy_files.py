@@ -36,6 +36,35 @@ def test_legacy_keras_file_loads_with_same_outputs_and_groups():
     assert np.isfinite(history.history["loss"][0])
 
 
+def test_legacy_optimizer_state_is_converted_to_the_stacked_heads():
+    import io
+    import zipfile
+
+    import h5py
+
+    model = keras.saving.load_model(FIXTURE / "model.keras")
+    with zipfile.ZipFile(FIXTURE / "model.keras") as archive:
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as f:
+            saved = {int(k): np.asarray(v) for k, v in f["optimizer/vars"].items()}
+    # The file's Adam state, a (momentum, velocity) pair per variable in the
+    # per-head order: 8 trunk variables (vars 2-17), then head 0's estimator
+    # kernel (18, 19) and bias, its output kernel (22, 23), head 1's output
+    # kernel (26, 27), head 2's estimator kernel (30, 31), ...
+    slots = {v.path.split("/")[-1]: v.numpy() for v in model.optimizer.variables}
+    kernel_momentum = slots["task_heads_estimator_kernel_0_momentum"]
+    np.testing.assert_array_equal(kernel_momentum[0], saved[18])
+    np.testing.assert_array_equal(kernel_momentum[2], saved[30])
+    assert np.all(kernel_momentum[[1, 3]] == 0)  # heads 1 and 3 lost their estimators
+    np.testing.assert_array_equal(slots["task_heads_estimator_kernel_0_velocity"][2], saved[31])
+    output_velocity = slots["task_heads_output_kernel_velocity"]  # one row per output unit
+    np.testing.assert_array_equal(output_velocity[:5], saved[23].T)
+    np.testing.assert_array_equal(output_velocity[5:8], saved[27].T)
+    # The trunk's and the weighting's state, first and last, as saved.
+    np.testing.assert_array_equal(model.optimizer.variables[2].numpy(), saved[2])
+    np.testing.assert_array_equal(model.optimizer.variables[-1].numpy(), saved[43])
+    assert int(model.optimizer.iterations.numpy()) == int(saved[0])
+
+
 def test_legacy_saved_model_serves_without_mtl_keras_objects():
     expected = _expected()
     served = tf.saved_model.load(str(FIXTURE / "saved_model" / "1"))

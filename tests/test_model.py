@@ -280,28 +280,38 @@ def test_mirrored_two_replicas_match_one_device(layout):
     np.testing.assert_allclose(h1["mean_loss"], h2["mean_loss"], rtol=1e-4)
 
 
-def test_merge_prunes_dropped_optimizer_state_and_reload_restores_the_rest(tmp_path):
+def test_merge_zeroes_dropped_rows_and_their_optimizer_state_and_reload_restores_all(tmp_path):
     import warnings
 
     model = small_model()
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     x, y = per_example_batch()
     model.fit(x, y, batch_size=12, epochs=2, verbose=0)
-    before = {id(v) for v in model.optimizer.variables}
-    n_before = len(model.optimizer.variables)
+    slots = {v.path: v for v in model.optimizer.variables}
+    before = model.count_params()
     model.set_estimator_of_task([0, 0, 2, 2])
-    after = model.optimizer.variables
-    # Two estimators (kernel + bias) dropped: their momentum and velocity go.
-    assert len(after) == n_before - 2 * 2 * 2
-    assert {id(v) for v in after} <= before  # survivors are the same objects
+    assert [v.path for v in model.optimizer.variables] == list(slots)  # no variable comes or goes
+    stacked = model.task_heads.stacked_estimator_variables()
+    per_estimator = sum(int(np.prod(v.shape[1:])) for v in stacked)
+    assert model.count_params() == before - 2 * per_estimator
+
+    def dropped_rows():
+        rows = [v.numpy()[[1, 3]] for v in stacked]
+        rows += [s.numpy()[[1, 3]] for p, s in slots.items()
+                 if "estimator" in p and s.shape == model.task_heads.estimator_kernels[0].shape]
+        return rows
+
+    assert all(np.all(r == 0) for r in dropped_rows())
+    assert np.any(stacked[0].numpy()[[0, 2]] != 0)
+    # Adam updates every row, but a zero row with zero state and no gradient stays zero.
     model.fit(x, y, batch_size=12, epochs=1, verbose=0)
-    assert len(model.optimizer.variables) == len(after)
+    assert all(np.all(r == 0) for r in dropped_rows())
     model.save(tmp_path / "m.keras")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*Skipping variable loading for optimizer.*")
         loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert loaded.estimator_of_task == [0, 0, 2, 2]
-    assert len(loaded.optimizer.variables) == len(after)
+    assert loaded.count_params() == model.count_params()
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     # Training resumes from the restored state identically.
@@ -324,9 +334,11 @@ def test_keras_file_keeps_the_weight_layout_of_files_saved_before_task_heads(tmp
     legacy = Path(__file__).parent / "fixtures" / "legacy_v0_1"
     model = keras.saving.load_model(legacy / "model.keras")
     model.save(tmp_path / "resaved.keras")
-    # The same arrays at the same paths (heads/task_head_i/..., optimizer/vars/i).
+    # The model's arrays at the same paths (heads/task_head_i/...); the
+    # optimizer's state is saved for the stacked variables now.
     layout = _weight_datasets(tmp_path / "resaved.keras")
-    assert layout == _weight_datasets(legacy / "model.keras")
+    model_arrays = lambda found: {p: s for p, s in found.items() if not p.startswith("optimizer/")}
+    assert model_arrays(layout) == model_arrays(_weight_datasets(legacy / "model.keras"))
     assert "heads/task_head_1/output_layer/vars/0" in layout
     assert not any(p.startswith(("task_heads", "layers/task_heads")) for p in layout)
     reloaded = keras.saving.load_model(tmp_path / "resaved.keras")

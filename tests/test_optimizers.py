@@ -1,15 +1,12 @@
-"""Optimizer pruning after a merge, against the pinned Keras' private optimizer layout."""
+"""Optimizer surgery (zeroed rows after a merge, state of another layout), against the pinned Keras' private layout."""
 
 import re
-import warnings
 
 import keras
 import numpy as np
 import pytest
 
-from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
-from mtl_keras.optimizers import KERAS_VERSION, check_optimizer_layout, prune_optimizer
-from synthetic import per_example_batch
+from mtl_keras.optimizers import KERAS_VERSION, check_optimizer_layout, load_state_of_other_layout, zero_optimizer_rows
 
 BUILTIN = {
     "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
@@ -54,90 +51,83 @@ def _state_store(optimizer):
     return store
 
 
+def _slots_of(optimizer, variable):
+    """`{slot list name: slot}` of one model variable."""
+    from mtl_keras.optimizers import _inner, _slot_lists
+
+    inner = _inner(optimizer)
+    i = inner._get_variable_index(variable)
+    return {name: slots[i] for name, slots in _slot_lists(inner).items() if slots[i] is not None}
+
+
 @pytest.mark.parametrize("name", sorted(BUILTIN))
-def test_every_builtin_optimizer_prunes_to_what_a_fresh_build_on_the_survivors_holds(name):
+def test_every_builtin_optimizer_zeroes_the_given_rows_of_its_state_and_nothing_else(name):
     variables = _variables()
     optimizer = BUILTIN[name]()
     optimizer.build(variables)
-    check_optimizer_layout(optimizer)
+    check_optimizer_layout(_inner_of(optimizer))
     for _ in range(2):
         optimizer.apply([keras.ops.ones_like(v) for v in variables], variables)
     before = {id(v): v.numpy() for v in optimizer.variables}
-    survivors = [variables[0], variables[2], variables[3]]
-    prune_optimizer(optimizer, survivors)
-    check_optimizer_layout(optimizer)
-    # The survivors' state: the same objects with the same values, nothing new.
-    assert all(id(v) in before for v in optimizer.variables)
+    paths = [v.path for v in optimizer.variables]
+    zero_optimizer_rows(optimizer, [variables[0], variables[2]], [1])
+    assert [v.path for v in optimizer.variables] == paths  # nothing created or removed
+    rowed = {id(s) for v in (variables[0], variables[2]) for s in _slots_of(optimizer, v).values()
+             if tuple(s.shape) == tuple(v.shape)}
     for v in optimizer.variables:
-        np.testing.assert_array_equal(v.numpy(), before[id(v)])
-    # ...laid out as a fresh optimizer built on the survivors (what a .keras reload builds).
-    fresh = BUILTIN[name]()
-    fresh.build(survivors)
-    assert [tuple(v.shape) for v in optimizer.variables] == [tuple(v.shape) for v in fresh.variables]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*Skipping variable loading.*")
-        fresh.load_own_variables(_state_store(optimizer))
-    for a, b in zip(optimizer.variables, fresh.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    # Training goes on with the survivors; the dropped variable is no longer known.
-    optimizer.apply([keras.ops.ones_like(v) for v in survivors], survivors)
-    with pytest.raises(ValueError):
-        optimizer.apply([keras.ops.ones_like(variables[1])], [variables[1]])
-    prune_optimizer(optimizer, survivors)  # nothing left to drop: no change
-    assert len(optimizer.variables) == len(fresh.variables)
+        now = v.numpy()
+        if id(v) in rowed:
+            assert not np.any(now[1])
+            np.testing.assert_array_equal(np.delete(now, 1, axis=0), np.delete(before[id(v)], 1, axis=0))
+        else:
+            np.testing.assert_array_equal(now, before[id(v)])
+    if name in ("adam", "sgd_momentum", "rmsprop", "nadam"):
+        assert rowed  # these keep variable-shaped state, which was zeroed
 
 
-def test_prune_of_an_unbuilt_optimizer_does_nothing():
-    optimizer = keras.optimizers.Adam()
-    prune_optimizer(optimizer, _variables()[:1])
-    assert not optimizer.built
+def _inner_of(optimizer):
+    return optimizer.inner_optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else optimizer
 
 
-def small_model():
-    keras.utils.set_random_seed(0)
-    tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "multiclass", 5), Task("c", "binary", 1),
-                     Task("d", "regression", 2)])
-    backbone = conv_backbone((8, 8, 1), 4, sigma=0.5, filters=(8, 8), seed=0)
-    model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(0.01))
-    return model
+@pytest.mark.parametrize("name", sorted(set(BUILTIN) - {"loss_scale"}))
+def test_every_builtin_optimizer_loads_state_saved_for_per_head_variables_as_stacked(name):
+    rng = np.random.default_rng(3)
+    trunk = keras.Variable(rng.normal(size=(3, 4)).astype("float32"), name="trunk")
+    heads = [keras.Variable(rng.normal(size=(4,)).astype("float32"), name=f"head_{i}") for i in range(3)]
+    saved = BUILTIN[name]()
+    saved.build([trunk] + heads)
+    for step in range(3):
+        saved.apply([keras.ops.ones_like(trunk)] + [keras.ops.ones_like(h) * (i + 1 + step) for i, h in
+                                                    enumerate(heads)], [trunk] + heads)
+    store = _state_store(saved)
+    stacked = keras.Variable(np.stack([h.numpy() for h in heads]), name="stacked")
+    optimizer = BUILTIN[name]()
+    optimizer.build([trunk, stacked])
 
+    def to_this_layout(slots):
+        per_head = slots[1:]
+        if any(x is None or x.shape != (4,) for x in per_head):
+            return [slots[0], None]  # not variable-shaped (e.g. factored): left as built
+        return [slots[0], np.stack(per_head)]
 
-def test_merge_prunes_dropped_adam_state_and_keras_file_round_trips_it(tmp_path):
-    model = small_model()
-    x, y = per_example_batch(n=24)
-    model.fit(x, y, batch_size=12, epochs=2, verbose=0)
-    dropped_variables = {id(v) for h in (1, 3) for v in model.heads[h].estimator_variables()}
-    slots_before = {v.path: (id(v), v.numpy()) for v in model.optimizer.variables}
-    iterations = int(model.optimizer.iterations.numpy())
-
-    assert model.set_estimator_of_task([0, 0, 2, 2]) == [1, 3]
-
-    optimizer = model.optimizer
-    assert not any(id(v) in dropped_variables for v in model.trainable_variables)
-    # Adam's momentum and velocity of 2 estimators x (kernel, bias) are gone...
-    assert len(optimizer.variables) == len(slots_before) - 2 * 2 * 2
-    gone = set(slots_before) - {v.path for v in optimizer.variables}
-    assert all(re.search(r"head_[13]_estimator_0_(kernel|bias)_(momentum|velocity)$", p) for p in gone), gone
-    # ...and every survivor's slot is the same object, with the same value.
-    for v in optimizer.variables:
-        same_id, value = slots_before[v.path]
-        assert id(v) == same_id
-        np.testing.assert_array_equal(v.numpy(), value)
+    assert load_state_of_other_layout(optimizer, store, [(3, 4), (4,), (4,), (4,)], to_this_layout)
+    iterations = int(saved.iterations.numpy())
+    assert iterations >= 1 and int(optimizer.iterations.numpy()) == iterations
+    for slot_name, slot in _slots_of(optimizer, stacked).items():
+        theirs = [_slots_of(saved, h)[slot_name].numpy() for h in heads]
+        if tuple(slot.shape) == (3, 4) and all(t.shape == (4,) for t in theirs):
+            np.testing.assert_array_equal(slot.numpy(), np.stack(theirs))
+    for slot_name, slot in _slots_of(optimizer, trunk).items():
+        np.testing.assert_array_equal(slot.numpy(), _slots_of(saved, trunk)[slot_name].numpy())
+    # A store of neither layout is refused, and nothing changes.
+    assert not load_state_of_other_layout(optimizer, {"0": np.zeros(())}, [(3, 4), (4,), (4,), (4,)], to_this_layout)
     assert int(optimizer.iterations.numpy()) == iterations
 
-    model.save(tmp_path / "merged.keras")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*Skipping variable loading for optimizer.*")
-        loaded = keras.saving.load_model(tmp_path / "merged.keras")
-    assert loaded.estimator_of_task == [0, 0, 2, 2]
-    assert [v.path for v in loaded.optimizer.variables] == [v.path for v in optimizer.variables]
-    for a, b in zip(optimizer.variables, loaded.optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    model.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False)
-    loaded.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False)
-    for a, b in zip(model.weights, loaded.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+def test_zeroing_rows_of_an_unbuilt_optimizer_does_nothing():
+    optimizer = keras.optimizers.Adam()
+    zero_optimizer_rows(optimizer, _variables()[:1], [0])
+    assert not optimizer.built
 
 
 def _message_names_both_versions():
@@ -151,7 +141,7 @@ def test_state_outside_the_aligned_lists_fails_loudly():
     # As if a Keras release kept Adam's momentums in another container.
     optimizer._momentums = tuple(optimizer._momentums)
     with pytest.raises(RuntimeError, match=_message_names_both_versions()) as error:
-        prune_optimizer(optimizer, variables[:2])
+        zero_optimizer_rows(optimizer, variables[:2], [0])
     assert "momentum" in str(error.value)
 
 
@@ -161,4 +151,4 @@ def test_missing_private_attributes_fail_loudly():
     optimizer.build(variables)
     del optimizer._trainable_variables_indices
     with pytest.raises(RuntimeError, match=_message_names_both_versions() + ".*_trainable_variables_indices"):
-        prune_optimizer(optimizer, variables[:2])
+        zero_optimizer_rows(optimizer, variables[:2], [0])

@@ -66,8 +66,9 @@ TARGET_ROUTING_EFFICIENCY = 0.5  # routing at T = 50 reaches >= 50% of the float
 PEAK_DTYPES = ("float32", "bfloat16")
 # The compute type of each precision policy, whose matmul peak a case is measured against.
 # The TrainConfig fields a case's model takes (model_config); the apps offer only these as flags.
-# Only the model's shape matters to speed; the training settings are fixed (FIXED_TRAINING).
-MODEL_FLAGS = ("image_size", "batch_size", "width", "depth", "head_units", "sigma")
+# The model's shape and its optimizer (lazy_adam updates only the rows a batch uses) matter to
+# speed; the other training settings are fixed (FIXED_TRAINING).
+MODEL_FLAGS = ("image_size", "batch_size", "width", "depth", "head_units", "sigma", "optimizer")
 PRECISION_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16"}
 
 # Speed hardly depends on these; they stay what docs/BENCHMARKS.md was measured
@@ -104,6 +105,10 @@ class BenchmarkSettings:
         quick: fewer steps and rounds in the sharing measurements.
         peak_sizes: sides of the square matrices of the matmul peak
             measurement (`efficiency.matmul_peak`: the best size's rate).
+        rounds: times the grid of cases runs, one whole round after the
+            other, so that a drift of the machine's speed spreads over all
+            cases; a case's step time is the median over its rounds
+            (`merge_rounds`).
     """
 
     config: TrainConfig
@@ -124,13 +129,14 @@ class BenchmarkSettings:
     sharing_run_steps: int = None
     quick: bool = False
     peak_sizes: tuple = efficiency.PEAK_SIZES
+    rounds: int = 1
 
     def __post_init__(self):
         # Refused here, in a second: a task count or step count of 0 would
         # otherwise run minutes of cases that measure nothing.
         counts = {"num_tasks": self.num_tasks, "sharing_tasks": self.sharing_tasks or [],
                   "variant_tasks": [self.variant_tasks], "classes": [self.classes], "k": [self.k],
-                  "steps": [self.steps], "peak_sizes": list(self.peak_sizes)}
+                  "steps": [self.steps], "peak_sizes": list(self.peak_sizes), "rounds": [self.rounds]}
         for name, values in counts.items():
             if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
                 raise ValueError(f"{name} ({_flag(name)}) must be whole numbers >= 1, got {values}.")
@@ -193,6 +199,7 @@ def case_spec(settings, case, num_tasks, precision="float32", jit_compile=False)
         "tasks_per_step": min(settings.k, num_tasks) if multi else 1,
         "precision": precision,
         "jit_compile": jit_compile,
+        "optimizer": c.optimizer,
         "batch_size": c.batch_size,
         "image_size": c.image_size,
         "classes": settings.classes,
@@ -203,6 +210,12 @@ def case_spec(settings, case, num_tasks, precision="float32", jit_compile=False)
         "steps": settings.steps,
         "time_budget": settings.time_budget,
     }
+
+
+def _spec_keys():
+    """The keys of a case spec (what a worker gets), as opposed to what it measures."""
+    settings = BenchmarkSettings(config=TrainConfig(), memory_limit_mib=1.0)
+    return frozenset(case_spec(settings, "plain", 10))
 
 
 def weighting_of_case(case):
@@ -257,6 +270,9 @@ def reference_case(case):
     return "plain_k" if case == "routing_k" else "plain"
 
 
+_SPEC_KEYS = _spec_keys()
+
+
 # ----------------------------------------------------------------- worker
 def _rss_kib(pid="self"):
     try:
@@ -274,7 +290,7 @@ def model_config(spec):
     return TrainConfig(image_size=spec["image_size"], batch_size=spec["batch_size"], width=spec["width"],
                        depth=spec["depth"], head_units=tuple(spec["head_units"]), sigma=spec["sigma"],
                        jit_compile=spec["jit_compile"], precision=spec.get("precision", TrainConfig.precision),
-                       **FIXED_TRAINING)
+                       optimizer=spec.get("optimizer", TrainConfig.optimizer), **FIXED_TRAINING)
 
 
 def make_data(spec):
@@ -463,6 +479,44 @@ def run_cases(specs, timeout, memory_limit_mib, log=print):
     return results
 
 
+def merge_rounds(results):
+    """One result per case out of several rounds of the same specs (`BenchmarkSettings.rounds`).
+
+    A case's step time is the median of its rounds' medians
+    (`step_seconds_rounds` keeps them all), its rates follow from it, and
+    its peak memory is the largest of the rounds'. A case fails when any of
+    its rounds failed (the first error is kept).
+    """
+    groups = {}
+    for r in results:
+        spec_key = json.dumps({k: r[k] for k in r if k in _SPEC_KEYS}, sort_keys=True, default=str)
+        groups.setdefault(spec_key, []).append(r)
+    merged = []
+    for rounds in groups.values():
+        if len(rounds) == 1:
+            merged.append(rounds[0])
+            continue
+        failed = [r for r in rounds if not r["ok"]]
+        if failed:
+            merged.append({**failed[0], "rounds": len(rounds)})
+            continue
+        r = dict(rounds[0])
+        steps = [x["step_seconds"] for x in rounds]
+        r.update(rounds=len(rounds), step_seconds_rounds=steps, step_seconds=float(np.median(steps)),
+                 step_seconds_min=min(x["step_seconds_min"] for x in rounds),
+                 peak_rss_mib=max(x["peak_rss_mib"] for x in rounds),
+                 train_rss_mib=max(x["train_rss_mib"] for x in rounds))
+        step, batch = r["step_seconds"], r["batch_size"]
+        pairs = batch * (r["tasks_per_step"] if r["data"] == "multi" else 1)
+        r.update(examples_per_second=batch / step, pairs_per_second=pairs / step,
+                 achieved_flops_per_second=r["train_flops_per_step"] / step)
+        if "forward_seconds" in r:
+            r["forward_seconds"] = float(np.median([x["forward_seconds"] for x in rounds]))
+            r["forward_share"] = r["forward_seconds"] / step
+        merged.append(r)
+    return merged
+
+
 # ------------------------------------------------------------ the numbers
 def add_ratios(results):
     """Adds `ratio_vs_reference`, `ratio_vs_plain` and `ratio_vs_float32` to every successful case."""
@@ -612,7 +666,9 @@ def setup_text(settings):
     return (f"synthetic data, {c.image_size}x{c.image_size}x1 images, batch {c.batch_size}, "
             f"{settings.classes} classes per task, VGG width {c.width} depth {c.depth}, head units "
             f"{list(c.head_units)}, Task Routing sigma {c.sigma}, k = {settings.k} tasks per step for the "
-            f"*_k cases, Adam, {settings.warmup} warm-up + {settings.steps} timed steps per case")
+            f"*_k cases, {'LazyAdam' if c.optimizer == 'lazy_adam' else 'Adam'}, {settings.warmup} warm-up + "
+            f"{settings.steps} timed steps per case"
+            + (f", {settings.rounds} rounds (a case's step: the median of its rounds)" if settings.rounds > 1 else ""))
 
 
 def run_benchmark(settings, provenance, log=print):
@@ -641,7 +697,8 @@ def run_benchmark(settings, provenance, log=print):
                                      settings.memory_limit_mib)
             log("matmul peak: " + (", ".join(f"{d} {peak[d]['flops_per_second'] / 1e9:.0f} GFLOP/s"
                                               for d in PEAK_DTYPES) if peak.get("ok") else peak.get("error")))
-        results = add_ratios(run_cases(specs, settings.timeout, settings.memory_limit_mib, log))
+        results = add_ratios(merge_rounds(run_cases(specs * settings.rounds, settings.timeout,
+                                                    settings.memory_limit_mib, log)))
         add_efficiency(results, peak)
         sharing = None
         if settings.sharing:

@@ -203,10 +203,19 @@ def collection_vs_naive(num_tasks, config, classes=20, repeats=5):
     """
     model, batch = _model_and_batch(num_tasks, config, classes)
     variables = model.trainable_variables
-    estimator_vars = [model.heads[t].estimator_variables() for t in range(num_tasks)]
+    # Stacked: row t of each is head t's estimator (mtl_keras.layers.TaskHeads).
+    estimator_vars = model.task_heads.stacked_estimator_variables()
 
-    def stack(grads_per_task):
-        return tf.stack([tf.concat([tf.reshape(g, (-1,)) for g in gs], 0) for gs in grads_per_task])
+    def row(grads, t):
+        """Head t's flattened estimator gradient out of the stacked variables' gradients."""
+        parts = []
+        for g in grads:
+            if isinstance(g, tf.IndexedSlices):  # sum the slices of row t, without densifying all rows
+                g = tf.tensordot(tf.cast(tf.equal(g.indices, t), g.values.dtype), g.values, 1)
+            else:
+                g = g[t]
+            parts.append(tf.reshape(g, (-1,)))
+        return tf.concat(parts, 0)
 
     @tf.function(autograph=False)
     def one_pass(data):
@@ -216,7 +225,8 @@ def collection_vs_naive(num_tasks, config, classes=20, repeats=5):
             objective, _ = model._step(data, training=True)
         grads = tape.gradient(objective, variables)
         position = {id(v): i for i, v in enumerate(variables)}
-        return stack([[grads[position[id(v)]] for v in vs] for vs in estimator_vars])
+        stacked = [tf.convert_to_tensor(grads[position[id(v)]]) for v in estimator_vars]
+        return tf.concat([tf.reshape(g, (num_tasks, -1)) for g in stacked], 1)
 
     task_weights = tf.constant(model.table.weights, "float32")
 
@@ -238,17 +248,17 @@ def collection_vs_naive(num_tasks, config, classes=20, repeats=5):
         for t in range(num_tasks):
             with tf.GradientTape() as tape:
                 loss = task_loss(data, t)
-            rows.append(tape.gradient(loss, estimator_vars[t]))
-        return stack(rows)
+            rows.append(row(tape.gradient(loss, estimator_vars), t))
+        return tf.stack(rows)
 
     @tf.function(autograph=False)
     def naive_persistent(data):
         with tf.GradientTape(persistent=True) as tape:
             _, out = model._step(data, training=True)
             losses = task_objectives(out, range(num_tasks))
-        rows = [tape.gradient(losses[t], estimator_vars[t]) for t in range(num_tasks)]
+        rows = [row(tape.gradient(losses[t], estimator_vars), t) for t in range(num_tasks)]
         del tape
-        return stack(rows)
+        return tf.stack(rows)
 
     functions = {"one_pass": one_pass, "naive": naive, "naive_persistent": naive_persistent}
     results = {}

@@ -130,6 +130,13 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
             weighting=config.weighting if weighting is None else weighting, tasks_per_step=tasks_per_step,
             label_smoothing=config.label_smoothing, seed=seed, name=name,
         )
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
-                  jit_compile=config.jit_compile)
+    model.compile(optimizer=make_optimizer(config, steps_per_epoch), jit_compile=config.jit_compile)
     return model
+
+
+def make_optimizer(config, steps_per_epoch=None):
+    """The optimizer `config.optimizer` names, at `learning_rate(config, steps_per_epoch)`."""
+    from mtl_keras.lazy_adam import LazyAdam
+
+    kinds = {"adam": keras.optimizers.Adam, "lazy_adam": LazyAdam}
+    return kinds[config.optimizer](learning_rate(config, steps_per_epoch))

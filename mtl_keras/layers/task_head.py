@@ -2,6 +2,8 @@
 
 import keras
 
+from mtl_keras.layers import stacked_dense
+
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class TaskHead(keras.layers.Layer):
@@ -25,6 +27,10 @@ class TaskHead(keras.layers.Layer):
             merge (set by `drop_estimator`; stored in the config so a loaded
             model has the same layers as the saved one).
         kernel_regularizer: optional regularizer of every kernel.
+        rows: set by `TaskHeads` only: `(estimator, output)` `RowBlock`
+            pairs `(kernel, bias)` of its stacked variables; the head's
+            layers are then views of those rows (`stacked_dense.Dense`)
+            and own no variable. None (a head of its own): `keras.layers.Dense`s.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -49,6 +55,7 @@ class TaskHead(keras.layers.Layer):
         dropout=0.0,
         has_estimator=True,
         kernel_regularizer=None,
+        rows=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -62,6 +69,14 @@ class TaskHead(keras.layers.Layer):
         self.dropout = float(dropout)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         name = self.name
+        self.dropout_layer = keras.layers.Dropout(self.dropout) if self.dropout else None
+        if rows is not None:
+            estimator, (kernel, bias) = rows
+            self.estimator_layers = [stacked_dense.Dense(k, b, name=f"{name}_estimator_{i}")
+                                     for i, (k, b) in enumerate(estimator)]
+            self.output_layer = stacked_dense.Dense(kernel, bias, name=f"{name}_output")
+            self.built = True
+            return
         self.estimator_layers = [
             keras.layers.Dense(
                 u, kernel_regularizer=self.kernel_regularizer, name=f"{name}_estimator_{i}"
@@ -71,13 +86,14 @@ class TaskHead(keras.layers.Layer):
         self.output_layer = keras.layers.Dense(
             self.num_outputs, kernel_regularizer=self.kernel_regularizer, name=f"{name}_output"
         )
-        self.dropout_layer = keras.layers.Dropout(self.dropout) if self.dropout else None
 
     @property
     def has_estimator(self):
         return bool(self.estimator_layers) or not self.hidden_units
 
     def build(self, input_shape):
+        if self.built:  # a view of TaskHeads' rows, built with them
+            return
         dim = input_shape[-1]
         for layer in self.estimator_layers:
             layer.build((None, dim))
@@ -113,8 +129,9 @@ class TaskHead(keras.layers.Layer):
         self.estimator_layers.clear()
 
     def estimator_variables(self):
-        """The estimator's trainable variables, in layer order."""
-        return [v for layer in self.estimator_layers for v in layer.trainable_variables]
+        """The estimator's weights, in layer order (kernel, bias, ...): variables, or
+        `RowBlock`s of the stacked variables for a head of a `TaskHeads`."""
+        return [w for layer in self.estimator_layers for w in (layer.kernel, layer.bias)]
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_outputs,)

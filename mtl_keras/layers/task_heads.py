@@ -5,7 +5,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from mtl_keras.layers.stacked_dense import RowBlock
 from mtl_keras.layers.task_head import TaskHead
+from mtl_keras.sparse_rows import distinct_rows, in_xla
 from mtl_keras.task_losses import TaskTable, gather_task_logits
 from mtl_keras.tasks import TaskSet
 
@@ -20,20 +22,20 @@ def per_pair_matmul(h, kernels, row):
     broadcast product `h[p] g[p]^T` summed into its row by
     `unsorted_segment_sum`, and the gathered kernels are reused for `h`'s
     gradient. Same values as `einsum("pi,pio->po", h, take(kernels, row))`
-    and its gradients, to float rounding (`tests/test_task_heads.py`);
+    and its gradients, to float rounding (`tests/test_layers.py`);
     about half the time of the heads' hidden layer at T = 50
-    (docs/BENCHMARKS.md).
+    (docs/BENCHMARKS.md). `TaskHeads` passes the distinct rows of its
+    batch, gathered from a stacked variable, so that the variable's
+    gradient is a `tf.IndexedSlices` naming each of those rows once.
 
     Args:
         h: `[P, in]` features.
-        kernels: `[rows, in, out]` stacked kernels.
+        kernels: `[rows, in, out]` stacked kernels (rows may be dynamic).
         row: `[P]` int32, each pair's kernel.
 
     Returns:
         `[P, out]`.
     """
-    rows = kernels.shape[0]
-
     @tf.custom_gradient
     def matmul(h, kernels):
         gathered = tf.gather(kernels, row)
@@ -41,7 +43,7 @@ def per_pair_matmul(h, kernels, row):
 
         def grad(g):
             dh = tf.squeeze(tf.matmul(g[:, None, :], gathered, transpose_b=True), 1)
-            dkernels = tf.math.unsorted_segment_sum(h[:, :, None] * g[:, None, :], row, rows)
+            dkernels = tf.math.unsorted_segment_sum(h[:, :, None] * g[:, None, :], row, tf.shape(kernels)[0])
             return dh, dkernels
 
         return y, grad
@@ -58,19 +60,33 @@ class TaskHeads(keras.layers.Layer):
     layer, the unit users reason about) and the grouping Selective Sharing
     learns: task t uses the estimator of head `estimator_of_task[t]`, its
     *owner*. An owner uses its own estimator; `set_estimator_of_task`
-    regroups the tasks and drops, with their variables, the estimators no
-    task uses any more. Merges are final: a dropped estimator never comes
-    back. Every task keeps its own output layer, since output sizes differ.
+    regroups the tasks and drops the estimators no task uses any more.
+    Merges are final: a dropped estimator never comes back. Every task keeps
+    its own output layer, since output sizes differ.
+
+    The weights of all heads are *stacked*: estimator layer l is one
+    `[T, in, out]` kernel and one `[T, out]` bias variable (row t: head
+    t's), and the output layers are one `[sum of num_outputs, in]` kernel
+    (one row per output unit) and its bias. Each `TaskHead` views its own
+    rows (`stacked_dense.Dense`), so `heads[t]` still reads, assigns, saves
+    and loads as a layer of its own, and `.keras` files keep the per-head
+    layout they always had. A dropped estimator's rows stay in the
+    variables, zeroed; `count_params` does not count them.
 
     The forward pass sends each (example, task) pair through its own task's
-    head, for all pairs at once: the owners' estimator kernels are stacked
-    into `[owners, in, out]` tensors, each pair gathers its owner's and a
-    batched matrix-vector product applies it; the output layers are
-    concatenated into one matmul, from which each pair keeps its task's
-    logits. No Python loop over tasks is traced, so the cost grows slowly
-    with the task count. The grouping is read when the pass is traced: after
-    a regrouping, traced functions must be traced again (`MultiTaskModel`
-    does so).
+    head, for all pairs at once: the rows of the estimators the batch uses
+    are gathered, each once, and a batched matrix-vector product applies
+    each pair's (`per_pair_matmul`); then one matmul applies the output
+    units of the batch's tasks, from which each pair keeps its own task's
+    logits. A step thus reads only the rows its batch uses, and their
+    gradients are `tf.IndexedSlices` naming those rows: with
+    `mtl_keras.LazyAdam` only they are updated, and a step hardly pays for
+    the heads its batch does not use (`MultiTaskModel` hands other
+    optimizers the gradients dense). Under XLA, which needs static shapes,
+    every output unit is applied and each pair gathers its own rows. No
+    Python loop over tasks is traced. The grouping is read when the pass is
+    traced: after a regrouping, traced functions must be traced again
+    (`MultiTaskModel` does so).
 
     Dropout belongs to this layer, applied after every estimator layer of
     that pass: the `TaskHead`s are built without dropout of their own,
@@ -86,7 +102,9 @@ class TaskHeads(keras.layers.Layer):
             `()` makes each head a single output layer.
         activation: activation of the estimator layers.
         dropout: dropout rate after each estimator layer.
-        kernel_regularizer: optional regularizer of every kernel.
+        kernel_regularizer: optional regularizer of the kernels, applied to
+            each stacked kernel variable as a whole (for L1 / L2 the same as
+            applying it to every head's kernel and summing).
         estimator_of_task: for each task, the index of the head whose
             estimator it uses; identity (no sharing) by default.
         **kwargs: standard `keras.layers.Layer` arguments.
@@ -136,23 +154,139 @@ class TaskHeads(keras.layers.Layer):
         owners = list(range(n)) if estimator_of_task is None else [int(o) for o in estimator_of_task]
         self._check_owners(owners)
         self._estimator_of_task = tuple(owners)
-        self.heads = [
-            TaskHead(
-                task.num_outputs,
-                hidden_units=self.hidden_units,
-                activation=self.activation,
-                dropout=0.0,
-                has_estimator=owners[i] == i,
-                kernel_regularizer=self.kernel_regularizer,
-                name=f"head_{i}",
-            )
-            for i, task in enumerate(self.tasks)
+        # Merges are final: once False, a head never gets an estimator back.
+        self._has_estimator = [o == i for i, o in enumerate(owners)]
+        self.heads = []  # one TaskHead per task, viewing its rows of the stacked weights (made in build)
+        # Each head's kernels start as a keras.layers.Dense of its own would:
+        # Glorot-uniform, with initializers made here in the order the heads'
+        # Dense layers once made theirs, so a seeded model starts from the
+        # same weights as before the weights were stacked.
+        self._kernel_initializers = [
+            ([keras.initializers.GlorotUniform() for _ in self.hidden_units] if self._has_estimator[t] else [],
+             keras.initializers.GlorotUniform())
+            for t in range(n)
         ]
         self.dropout_layer = keras.layers.Dropout(self.dropout) if self.dropout else None
 
     def build(self, features_shape, task_ids_shape=None):
-        for head in self.heads:
-            head.build(features_shape)
+        n = len(self.tasks)
+        dims = (int(features_shape[-1]),) + self.hidden_units
+        # Row t of each estimator variable is head t's layer; a row whose
+        # estimator was dropped stays, zeroed, so that shapes (and the
+        # optimizer's slots) never change.
+        layers = list(zip(dims[:-1], dims[1:]))
+        counts = self.table.num_outputs
+        kernels = [np.zeros((n, fan_in, units), "float32") for fan_in, units in layers]
+        output_kernel = np.zeros((int(counts.sum()), dims[-1]), "float32")
+        for t, (estimator, output) in enumerate(self._kernel_initializers):
+            for l, initializer in enumerate(estimator):
+                kernels[l][t] = np.asarray(initializer(layers[l]))
+            start = int(self.table.offsets[t])
+            output_kernel[start:start + counts[t]] = np.asarray(output((dims[-1], int(counts[t])))).T
+        constant = lambda value: (lambda shape, dtype=None: ops.convert_to_tensor(value, dtype))
+        self.estimator_kernels, self.estimator_biases = [], []
+        for l, (fan_in, units) in enumerate(layers):
+            self.estimator_kernels.append(self.add_weight(
+                shape=(n, fan_in, units), initializer=constant(kernels[l]),
+                regularizer=self.kernel_regularizer, name=f"estimator_kernel_{l}"))
+            self.estimator_biases.append(self.add_weight(shape=(n, units), initializer="zeros",
+                                                         name=f"estimator_bias_{l}"))
+        # Output layers one row per output unit (task t: rows offsets[t] to
+        # offsets[t] + num_outputs[t]), so tasks of any output size stack.
+        self.output_kernel = self.add_weight(shape=output_kernel.shape, initializer=constant(output_kernel),
+                                             regularizer=self.kernel_regularizer, name="output_kernel")
+        self.output_bias = self.add_weight(shape=(int(counts.sum()),), initializer="zeros", name="output_bias")
+        self.heads = [self._make_head(t) for t in range(n)]
+        self._zero_estimator_rows([t for t in range(n) if not self._has_estimator[t]])
+        self.built = True
+
+    def _make_head(self, t):
+        """Task t's `TaskHead`, whose layers are views of its rows."""
+        dims = self._widths()
+        estimator = [
+            (RowBlock(kernel, t, t + 1, (fan_in, units)), RowBlock(bias, t, t + 1, (units,)))
+            for kernel, bias, fan_in, units in zip(self.estimator_kernels, self.estimator_biases, dims[:-1], dims[1:])
+        ] if self._has_estimator[t] else []
+        start, count = int(self.table.offsets[t]), int(self.table.num_outputs[t])
+        output = (RowBlock(self.output_kernel, start, start + count, (dims[-1], count), transpose=True),
+                  RowBlock(self.output_bias, start, start + count, (count,)))
+        return TaskHead(count, hidden_units=self.hidden_units, activation=self.activation, dropout=0.0,
+                        has_estimator=bool(estimator) or not self.hidden_units,
+                        kernel_regularizer=self.kernel_regularizer, rows=(estimator, output), name=f"head_{t}")
+
+    def _widths(self):
+        """The features' width, then each estimator layer's (what the output layers read last)."""
+        return (int(self.output_kernel.shape[1]),) if not self.hidden_units else (
+            int(self.estimator_kernels[0].shape[1]),) + self.hidden_units
+
+    def _zero_estimator_rows(self, tasks):
+        if not tasks or not self.hidden_units:
+            return
+        index = tf.constant(tasks, "int32")
+        for variable in self.estimator_kernels + self.estimator_biases:
+            zeros = tf.zeros((len(tasks),) + tuple(variable.shape[1:]), variable.dtype)
+            variable.value.scatter_update(tf.IndexedSlices(zeros, index))
+
+    def stacked_estimator_variables(self):
+        """The estimator variables, kernel then bias of each layer: row t of each is head t's."""
+        return [w for kernel, bias in zip(self.estimator_kernels, self.estimator_biases) for w in (kernel, bias)]
+
+    def per_head_shapes(self):
+        """The shapes the heads' variables had when each head owned its own (files saved before
+        the weights were stacked): per head, its estimator's kernel and bias per layer (if it has
+        an estimator), then its output kernel and bias."""
+        dims = self._widths()
+        shapes = []
+        for t, count in enumerate(self.table.num_outputs):
+            if self._has_estimator[t] and self.hidden_units:
+                for fan_in, units in zip(dims[:-1], dims[1:]):
+                    shapes += [(fan_in, units), (units,)]
+            shapes += [(dims[-1], int(count)), (int(count),)]
+        return shapes
+
+    def stack_per_head(self, values):
+        """Arrays laid out as `per_head_shapes` (None: zeros), stacked as this layer's own
+        weights are (`self.weights` order): the inverse of the per-head layout."""
+        values = iter(values)
+        kernels = [np.zeros(v.shape, "float32") for v in self.estimator_kernels]
+        biases = [np.zeros(v.shape, "float32") for v in self.estimator_biases]
+        out_kernel = np.zeros(self.output_kernel.shape, "float32")
+        out_bias = np.zeros(self.output_bias.shape, "float32")
+        for t, count in enumerate(self.table.num_outputs):
+            if self._has_estimator[t] and self.hidden_units:
+                for kernel, bias in zip(kernels, biases):
+                    for array in (kernel, bias):
+                        value = next(values)
+                        if value is not None:
+                            array[t] = value
+            start = int(self.table.offsets[t])
+            value = next(values)
+            if value is not None:
+                out_kernel[start:start + count] = np.asarray(value).T
+            value = next(values)
+            if value is not None:
+                out_bias[start:start + count] = value
+        stacked = {id(v): a for v, a in zip(self.estimator_kernels + self.estimator_biases + [self.output_kernel, self.output_bias],
+                                           kernels + biases + [out_kernel, out_bias])}
+        return [stacked[id(v)] for v in self.weights]
+
+    def count_params(self):
+        """Parameters in use: the rows of estimators no task uses any more are not counted."""
+        dropped = len(self.tasks) - len(self.estimator_owners)
+        per_estimator = sum(int(np.prod(v.shape[1:])) for v in self.estimator_kernels + self.estimator_biases)
+        return int(sum(int(np.prod(v.shape)) for v in self.weights)) - dropped * per_estimator
+
+    def dropped_parameter_count(self):
+        """Parameters kept, zeroed, for the estimators dropped by merges (see `count_params`)."""
+        return int(sum(int(np.prod(v.shape)) for v in self.weights)) - self.count_params()
+
+    def save_own_variables(self, store):
+        # Each head saves its own rows (stacked_dense.Dense), where files
+        # have always had them; nothing is saved twice.
+        pass
+
+    def load_own_variables(self, store):
+        pass
 
     # ------------------------------------------------------------ grouping
     @property
@@ -189,9 +323,10 @@ class TaskHeads(keras.layers.Layer):
     def set_estimator_of_task(self, estimator_of_task):
         """Regroups the tasks: task t will use the estimator of head `estimator_of_task[t]`.
 
-        Estimators no task uses any more are dropped with their variables; no
-        variable is created. A task cannot get back an estimator once it was
-        dropped.
+        Estimators no task uses any more are dropped: their heads lose their
+        estimator layers and their rows of the stacked variables are zeroed
+        (the variables keep their shapes; no variable is created or
+        removed). A task cannot get back an estimator once it was dropped.
 
         Args:
             estimator_of_task: list with one head index per task.
@@ -202,7 +337,7 @@ class TaskHeads(keras.layers.Layer):
         owners = [int(o) for o in estimator_of_task]
         self._check_owners(owners)
         for o in sorted(set(owners)):
-            if not self.heads[o].has_estimator:
+            if not self._has_estimator[o]:
                 users = [t for t, u in enumerate(owners) if u == o]
                 raise ValueError(
                     f"Tasks {users} cannot use head {o}'s estimator: it was dropped earlier "
@@ -210,47 +345,46 @@ class TaskHeads(keras.layers.Layer):
                 )
         dropped = [i for i in self.estimator_owners if i not in set(owners)]
         for i in dropped:
-            self.heads[i].drop_estimator()
+            self._has_estimator[i] = False
+            if self.built:
+                self.heads[i].drop_estimator()
+        if self.built:
+            self._zero_estimator_rows(dropped)
         self._estimator_of_task = tuple(owners)
         return dropped
 
     # ------------------------------------------------------------- forward
-    def stacked_estimator_weights(self):
-        """The owners' estimator kernels and biases, stacked per estimator layer.
-
-        Returns:
-            One `(kernels [owners, in, out], biases [owners, out])` pair per
-            estimator layer, rows in `estimator_owners` order.
-        """
-        owners = [self.heads[o] for o in self.estimator_owners]
-        return [
-            (
-                ops.stack([head.estimator_layers[l].kernel.value for head in owners]),
-                ops.stack([head.estimator_layers[l].bias.value for head in owners]),
-            )
-            for l in range(len(self.hidden_units))
-        ]
-
-    def output_weights(self):
-        """All output layers side by side: `(kernel [in, sum of num_outputs], bias)`."""
-        kernel = ops.concatenate([head.output_layer.kernel.value for head in self.heads], axis=1)
-        bias = ops.concatenate([head.output_layer.bias.value for head in self.heads], axis=0)
-        return kernel, bias
-
     def call(self, features, task_ids, training=False):
         h = ops.cast(features, self.compute_dtype)
         task_ids = ops.cast(ops.reshape(task_ids, (-1,)), "int32")
         if self.hidden_units:
-            row_of_owner = {o: i for i, o in enumerate(self.estimator_owners)}
-            row_of_task = np.array([row_of_owner[o] for o in self._estimator_of_task], "int32")
-            row = ops.take(ops.convert_to_tensor(row_of_task), task_ids)
-            for kernels, biases in self.stacked_estimator_weights():
-                h = per_pair_matmul(h, kernels, row)
-                h = self.activation(h + ops.take(biases, row, axis=0))
+            # The step reads, and its gradient (tf.IndexedSlices) names,
+            # only the rows of the owners the batch uses, each once.
+            row = ops.take(ops.convert_to_tensor(np.array(self._estimator_of_task, "int32")), task_ids)
+            rows, slot = distinct_rows(row)
+            for kernels, biases in zip(self.estimator_kernels, self.estimator_biases):
+                h = per_pair_matmul(h, ops.take(kernels, rows, axis=0), slot)
+                h = self.activation(h + ops.cast(ops.take(ops.take(biases, rows, axis=0), slot, axis=0), h.dtype))
                 if self.dropout_layer is not None:
                     h = self.dropout_layer(h, training=training)
-        kernel, bias = self.output_weights()
-        return gather_task_logits(ops.matmul(h, kernel) + bias, task_ids, self.table)
+        kernel, bias, offsets = self._output_rows(task_ids)
+        logits = ops.matmul(h, ops.transpose(ops.cast(kernel, h.dtype))) + ops.cast(bias, h.dtype)
+        return gather_task_logits(logits, task_ids, self.table, offsets)
+
+    def _output_rows(self, task_ids):
+        """The output units of the batch's tasks, side by side, and each pair's first column among them.
+
+        Under XLA (static shapes) every task's units, as all tasks' output
+        layers concatenated.
+        """
+        if in_xla():
+            return self.output_kernel, self.output_bias, None
+        tasks, slot = tf.unique(task_ids)
+        counts = tf.gather(self.table.num_outputs, tasks)
+        units = tf.ragged.range(tf.gather(self.table.offsets, tasks), tf.gather(self.table.offsets, tasks) + counts)
+        units = units.flat_values
+        first_column = tf.gather(tf.cumsum(counts, exclusive=True), slot)
+        return ops.take(self.output_kernel, units, axis=0), ops.take(self.output_bias, units, axis=0), first_column
 
     def compute_output_shape(self, features_shape, task_ids_shape=None):
         return (features_shape[0], self.table.max_outputs)

@@ -4,10 +4,11 @@ Each task head receives only its own task's loss, so the gradient of every
 head's *estimator* (the identically shaped part of a `TaskHead`, not its own
 output layer) is already among the gradients the training step computes for
 the optimizer. `GradientCollector` is a `MultiTaskModel.gradient_observers`
-entry: inside the traced step it flattens the gradients of each live
-estimator into one row and adds the rows to an accumulator, so collecting the
-signal of T tasks costs one stack and one add of `[T, P]` values per step, with no extra
-backward pass and no per-task `GradientTape`.
+entry: the heads' estimators are stacked variables (row t: head t's, see
+`TaskHeads`), so inside the traced step it adds each stacked variable's
+gradient to an accumulator of the same shape: collecting the signal of T
+tasks costs one add of `[T, P]` values per step, with no extra backward pass
+and no per-task `GradientTape`.
 
 Accumulators are `tf.Variable`s created once, up front (creating variables in
 a retraced `tf.function` is illegal), that are not trainable, not tracked by
@@ -32,14 +33,13 @@ import tensorflow as tf
 
 def _estimator_layout(model):
     """Shapes of one estimator's variables (identical for every head)."""
-    heads_with_estimator = [h for h in model.heads if h.estimator_variables()]
-    if not model.task_heads.hidden_units or not heads_with_estimator:
+    if not model.task_heads.hidden_units:
         raise ValueError(
             "Selective Sharing needs task heads with an estimator: build the MultiTaskModel "
             "with head_units=(...) non-empty (e.g. head_units=(128,)); with head_units=() a "
             "head is only its task's output layer and there is nothing to share."
         )
-    return [tuple(int(d) for d in v.shape) for v in heads_with_estimator[0].estimator_variables()]
+    return [tuple(int(d) for d in v.shape[1:]) for v in model.task_heads.stacked_estimator_variables()]
 
 
 class GradientCollector:
@@ -126,21 +126,13 @@ class GradientCollector:
             grads: their gradients, aligned with `variables`.
             step: the step's `mtl_keras.step.StepContext`.
         """
-        model = self.model
         position = {id(v): i for i, v in enumerate(variables)}
-        owners = model.estimator_owners
-        per_owner = [model.heads[o].estimator_variables() for o in owners]
-        indices = None if len(owners) == self.num_tasks else tf.constant([[o] for o in owners], dtype=tf.int32)
-        for j, (shape, accumulator) in enumerate(zip(self.layout, self._sums)):
-            rows = []
-            for variables_of_owner in per_owner:
-                g = grads[position[id(variables_of_owner[j])]]
-                rows.append(tf.zeros(shape, "float32") if g is None else tf.cast(tf.convert_to_tensor(g), "float32"))
-            update = tf.stack(rows)  # [owners, *shape]
-            if indices is not None:
-                # After a merge: rows go to their owners' slots, others get 0.
-                update = tf.scatter_nd(indices, update, (self.num_tasks,) + shape)
-            accumulator.assign_add(update)
+        for variable, accumulator in zip(self.model.task_heads.stacked_estimator_variables(), self._sums):
+            # Row o of a stacked variable's gradient is head o's estimator's;
+            # rows of dropped estimators are used by no pair, so they add 0.
+            g = grads[position[id(variable)]]
+            if g is not None:
+                accumulator.assign_add(tf.cast(tf.convert_to_tensor(g), "float32"))
         self._counts.assign_add(
             tf.math.unsorted_segment_sum(
                 tf.cast(step.pairs.weights, "float32"), step.pairs.task_ids, self.num_tasks
