@@ -65,10 +65,11 @@ class RowBlock:
 
 
 class Dense(keras.layers.Layer):
-    """A head's dense layer, `activation(x @ kernel + bias)`, on rows of stacked variables.
+    """A head's dense layer, `x @ kernel + bias`, on rows of stacked variables.
 
     Built by `TaskHead` when it belongs to a `TaskHeads`; not meant to be
-    made by hand.
+    made by hand. Like the `keras.layers.Dense` it stands in for, it has no
+    activation of its own: `TaskHead.estimate` applies the head's.
 
     Args:
         kernel: `RowBlock` of the kernel, `[in, units]` as the layer sees it.
