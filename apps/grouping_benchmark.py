@@ -41,10 +41,7 @@ status 2.
 
 import argparse
 import functools
-import os
 import time
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
 from mtl_keras.experiments.grouping import (  # noqa: E402

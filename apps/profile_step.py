@@ -20,6 +20,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import mtl_keras  # noqa: F401  (first: sets TensorFlow's environment defaults before it loads)
 import keras
 
 from mtl_keras.app_errors import exit_on_user_error

@@ -15,13 +15,11 @@ export (mtl_keras.app_errors).
 """
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import mtl_keras  # noqa: F401  (first: sets TensorFlow's environment defaults before it loads)
 import keras  # noqa: E402
 
 from mtl_keras.app_errors import exit_on_user_error  # noqa: E402

@@ -25,11 +25,9 @@ loss) ends the app with a line "tune_sigma: error: ..." and status 2.
 """
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import mtl_keras  # noqa: F401  (first: sets TensorFlow's environment defaults before it loads)
 import keras  # noqa: E402
 
 from mtl_keras.app_errors import exit_on_user_error  # noqa: E402

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# Before TensorFlow, as in the apps: mtl_keras sets TensorFlow's environment
+# defaults (its oneDNN kernels), so the suite runs what users run.
+import mtl_keras  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 
 # MirroredStrategy tests need two devices; logical devices can only be set

@@ -19,6 +19,13 @@ def test_op_kind_sorts_by_type_and_puts_the_optimizer_first():
     assert op_profile.op_kind("x/madam/Mul", "Mul") == op_profile.OTHER_KIND  # a scope that only ends in "adam"
 
 
+def test_op_kind_reads_through_onednn_rewrites():
+    assert op_profile.op_kind("x/Conv2DBackpropFilter", "_MklNativeConv2DBackpropFilter") == "convolution"
+    assert op_profile.op_kind("x/MaxPoolGrad", "_MklMaxPoolGrad") == "pooling"
+    assert op_profile.op_kind("x/MatMul", "_MklMatMul") == "matmul"
+    assert op_profile.op_kind("x/bn", "_MklFusedBatchNormV3") == op_profile.OTHER_KIND
+
+
 def test_a_recorded_profile_holds_the_ops_that_ran(tmp_path):
     x = tf.constant(np.random.default_rng(0).normal(size=(16, 32, 32, 8)), "float32")
     k = tf.constant(np.random.default_rng(1).normal(size=(3, 3, 8, 16)), "float32")

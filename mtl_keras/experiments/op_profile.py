@@ -35,12 +35,18 @@ OTHER_KIND = "elementwise and reductions"
 OPTIMIZER_KIND = "optimizer update"
 # Not work: the executor's own bookkeeping and variable reads.
 IGNORED_TYPES = ("ReadVariableOp", "NoOp", "Identity", "_Retval", "_Arg", "Const", "Shape")
+# With oneDNN on, TensorFlow rewrites ops to its own kernels under these prefixes
+# (`_MklNativeConv2D` is a Conv2D); the kind is the original type's.
+_ONEDNN_PREFIXES = ("_MklNative", "_Mkl")
 
 
 def op_kind(name, op_type, optimizer_scope="adam/"):
     """The kind of one op: `optimizer update` for ops in the optimizer's name scope, else by type (`KINDS`)."""
     if optimizer_scope and f"/{optimizer_scope}" in f"/{name}":
         return OPTIMIZER_KIND
+    for prefix in _ONEDNN_PREFIXES:
+        if op_type.startswith(prefix) and op_type[len(prefix):] in _KIND_OF_TYPE:
+            return _KIND_OF_TYPE[op_type[len(prefix):]]
     return _KIND_OF_TYPE.get(op_type, OTHER_KIND)
 
 

@@ -110,7 +110,7 @@ def _own_process_tree():
 
 
 def machine_description():
-    """One line: CPU, cores, GPUs, Python, TensorFlow and Keras, as the documented reports print it."""
+    """One line: CPU, cores, GPUs, Python, TensorFlow (and whether its oneDNN kernels are on) and Keras."""
     # Imported here: recording the commit, command and load needs no TensorFlow.
     import keras
     import tensorflow as tf
@@ -118,7 +118,17 @@ def machine_description():
     gpus = tf.config.list_physical_devices("GPU")
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
             f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}")
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}{_onednn_note()}, "
+            f"Keras {keras.__version__}")
+
+
+def _onednn_note():
+    """` (oneDNN on)` / ` (oneDNN off)`: which kernels the CPU ops ran, or nothing if TensorFlow does not say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own check, not public API
+        return " (oneDNN on)" if _pywrap_util_port.IsMklEnabled() else " (oneDNN off)"
+    except (ImportError, AttributeError):
+        return ""
 
 
 class RunProvenance:

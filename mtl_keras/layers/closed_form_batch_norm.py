@@ -1,4 +1,4 @@
-"""Batch normalisation whose training-mode gradient is computed in closed form.
+"""Batch normalisation whose training-mode gradient is computed in closed form, by fused ops.
 
 Keras' `BatchNormalization` lets autodiff differentiate through the batch
 mean and variance: on the TensorFlow backend that backward pass broadcasts
@@ -10,29 +10,61 @@ gradient of batch normalisation has a known closed form (Ioffe & Szegedy,
     dbeta = sum(dy),  dgamma = sum(dy * xhat)
     dx = gamma / sqrt(var + eps) * (dy - dbeta / n - xhat * dgamma / n)
 
-which needs two reductions and a few elementwise passes. On the trunk's
-first block (128 x 32 x 32 x 32 activations), that is the largest
-memory-bound part of a training step on CPU (docs/BENCHMARKS.md).
+which needs two reductions and a few elementwise passes. TensorFlow's
+`FusedBatchNormV3` op and its gradient compute exactly this in one kernel
+each. On the trunk's first block (128 x 32 x 32 x 32 activations), batch
+norm is the largest memory-bound part of a training step on CPU
+(docs/BENCHMARKS.md).
 """
 
 import keras
 import tensorflow as tf
 
+from mtl_keras.sparse_rows import in_xla
+
 
 def batch_norm_training(x, gamma, beta, epsilon):
     """Normalises `x` over all axes but the last with its own batch statistics.
 
+    Outside XLA: one `FusedBatchNormV3` op in training mode, whose
+    registered gradient (`FusedBatchNormGradV3`) is the closed form above;
+    with TensorFlow's oneDNN kernels on, both run as oneDNN's batch
+    normalisation, fewer passes over the activations than separate ops.
+    Under XLA, whose lowering of that op computes the variance in one pass
+    (E[x^2] - E[x]^2, which loses precision on off-centre activations),
+    the closed form in separate ops, which XLA fuses itself.
+
     Args:
-        x: `[..., C]` float tensor.
+        x: `[..., C]` float32 tensor, of rank 2 or more.
         gamma: `[C]` scale.
         beta: `[C]` offset.
         epsilon: added to the variance.
 
     Returns:
-        `(y, mean, variance)`: the output, and the batch statistics (for
-        the moving averages; no gradient flows through them, since `y`'s
-        gradient already accounts for them).
+        `(y, mean, variance)`: the output, and the batch statistics (the
+        biased variance, as Keras' layer uses; for the moving averages, so
+        no gradient flows through them: `y`'s gradient already accounts for
+        them).
     """
+    if in_xla():
+        return _separate_ops_batch_norm_training(x, gamma, beta, epsilon)
+    shape = tf.shape(x)
+    channels = x.shape[-1]
+    # The fused op wants NHWC; every axis but the last is a batch axis here.
+    x4 = x if len(x.shape) == 4 else tf.reshape(x, [-1, 1, 1, channels])
+    y, mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x4, scale=gamma, offset=beta, mean=tf.zeros([0], x.dtype), variance=tf.zeros([0], x.dtype),
+        epsilon=epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    if len(x.shape) != 4:
+        y = tf.reshape(y, shape)
+    # The op returns the unbiased variance (n / (n - 1) times the biased one).
+    n = tf.cast(tf.size(x) // channels, x.dtype)
+    variance = tf.where(n > 1, unbiased_variance * ((n - 1) / tf.maximum(n, 1)), tf.zeros_like(unbiased_variance))
+    return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _separate_ops_batch_norm_training(x, gamma, beta, epsilon):
+    """`batch_norm_training` in separate ops: a two-pass variance and a custom gradient."""
     axes = list(range(len(x.shape) - 1))
     mean = tf.reduce_mean(x, axis=axes)
     variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axes)
