@@ -5,9 +5,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-# Before TensorFlow, as in the apps: mtl_keras sets TensorFlow's environment
-# defaults (its oneDNN kernels), so the suite runs what users run.
-import mtl_keras  # noqa: E402,F401
+# TensorFlow loads here, before mtl_keras, so in-process tests run with
+# TensorFlow's own choice of oneDNN kernels (mtl_keras' default,
+# oneDNN on, takes effect only before TensorFlow loads): on small test
+# models oneDNN costs more than it saves. Tests that start apps in
+# subprocesses run mtl_keras' default, as users do; tests/test_layers.py's
+# batch-norm checks pass either way.
 import tensorflow as tf  # noqa: E402
 
 # MirroredStrategy tests need two devices; logical devices can only be set

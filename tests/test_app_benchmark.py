@@ -9,7 +9,7 @@ def test_smoke(tmp_path):
     report = benchmark.main([
         "--batch-size", "8", "--image-size", "8", "--width", "4", "--depth", "1", "--head-units", "4",
         "--classes", "3", "--steps", "2", "--warmup", "1", "--num-tasks", "2", "--cases", "plain",
-        "--no-variants", "--sharing-tasks", "2", "--quick", "--output", str(tmp_path),
+        "--no-variants", "--sharing-tasks", "2", "--quick", "--peak-sizes", "256", "--output", str(tmp_path),
     ])
     # One case: each runs in its own process (the cases: tests/test_benchmarking.py).
     assert [(r["case"], r["ok"]) for r in report["results"]] == [("plain", True)]

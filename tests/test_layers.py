@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -6,6 +11,8 @@ import tensorflow as tf
 from mtl_keras import Task, TaskSet
 from mtl_keras.layers import ClosedFormBatchNormalization, TaskHead, TaskHeads, TaskRouting, routing_masks
 from mtl_keras.layers.task_heads import per_pair_matmul, summed_outer_products
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ masks
@@ -375,6 +382,27 @@ def test_closed_form_batch_norm_falls_back_to_keras_where_it_does_not_apply():
         assert not ours._closed_form_applies(x, True, None)
         for a, b in zip(_bn_run(ours, x, upstream), _bn_run(reference, x, upstream)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_closed_form_batch_norm_equals_keras_with_and_without_onednn_kernels(onednn):
+    """The comparison above in a fresh process with oneDNN's kernels on and off.
+
+    This process's TensorFlow loaded before mtl_keras could choose (tests/conftest.py);
+    users get oneDNN on (mtl_keras/__init__.py).
+    """
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    script = (
+        "from tensorflow.python.util import _pywrap_util_port as port\n"
+        f"assert port.IsMklEnabled() == {onednn == '1'}\n"
+        "import tests.test_layers as t\n"
+        "for shape in [(16, 6, 6, 5), (32, 7), (64, 16, 16, 8)]:\n"
+        "    t.test_closed_form_batch_norm_equals_keras_batch_norm(shape, False)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_closed_form_batch_norm_keeps_float32_statistics_under_mixed_precision(tmp_path):
