@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow turns its oneDNN kernels on by itself only on CPUs with
 # AVX-512 VNNI / BF16 or AMX. Elsewhere (AMD, older Intel) they make a
-# training step of a conv trunk about 1.4x faster (docs/BENCHMARKS.md,
+# training step of a conv trunk 1.4-1.5x faster (docs/BENCHMARKS.md,
 # "Issue 10, fourth round"). An environment variable read when TensorFlow
 # loads, so this takes effect only if mtl_keras is imported first; the
 # user's own TF_ENABLE_ONEDNN_OPTS wins.

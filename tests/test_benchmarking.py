@@ -140,7 +140,9 @@ def test_issue_10_targets_judge_memory_at_every_t_and_steps_against_the_plain_mo
 @pytest.mark.parametrize("report", ["benchmark.json", "issue10/benchmark.json", "efficiency_sameconv/benchmark.json",
                                     "predictions_check/benchmark.json", "issue10_b/benchmark.json",
                                     "issue10_scaling/benchmark.json", "issue10_c_lazy_adam/benchmark.json",
-                                    "issue10_c_adam/benchmark.json"])
+                                    "issue10_c_adam/benchmark.json", "issue10_d/benchmark.json",
+                                    "issue10_d_lazy_adam/benchmark.json", "issue10_d_onednn_off/benchmark.json",
+                                    "issue10_d_onednn_on/benchmark.json"])
 def test_the_committed_reports_still_give_their_figures(report):
     saved = json.loads((DOCS / "benchmarks" / report).read_text())
     found = {**targets(saved["results"]), **sharing_targets(saved["sharing"])}

@@ -345,24 +345,25 @@ def _bn_run(layer, x, upstream, training=True):
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x, training=training)
-        loss = tf.reduce_sum(tf.cast(y, "float32") * upstream)
+        loss = tf.reduce_sum(tf.cast(y, upstream.dtype) * upstream)
     grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
     return [y, *grads, layer.moving_mean, layer.moving_variance]
 
 
-@pytest.mark.parametrize("shape,jit", [((16, 6, 6, 5), False), ((16, 6, 6, 5), True), ((32, 7), False),
-                                       ((64, 16, 16, 8), False), ((8, 3, 4, 5, 6), False)])
-def test_closed_form_batch_norm_equals_keras_batch_norm(shape, jit):
+@pytest.mark.parametrize("shape,jit,dtype", [((16, 6, 6, 5), False, "float32"), ((16, 6, 6, 5), True, "float32"),
+                                             ((32, 7), False, "float32"), ((64, 16, 16, 8), False, "float32"),
+                                             ((8, 3, 4, 5, 6), False, "float32"), ((16, 6, 6, 5), False, "float64")])
+def test_closed_form_batch_norm_equals_keras_batch_norm(shape, jit, dtype):
     rng = np.random.default_rng(0)
     # Off-centre inputs with unequal channel scales, as a conv without bias gives.
-    x = tf.constant(rng.normal(size=shape) * rng.uniform(0.1, 3, shape[-1]) + rng.normal(size=shape[-1]) * 4, "float32")
-    upstream = tf.constant(rng.normal(size=shape), "float32")
-    ours, reference = _bn_pair()
-    gamma = rng.uniform(0.5, 2, shape[-1]).astype("float32")
+    x = tf.constant(rng.normal(size=shape) * rng.uniform(0.1, 3, shape[-1]) + rng.normal(size=shape[-1]) * 4, dtype)
+    upstream = tf.constant(rng.normal(size=shape), dtype)
+    ours, reference = _bn_pair(dtype=dtype)
+    gamma = rng.uniform(0.5, 2, shape[-1]).astype(dtype)
     for layer in (ours, reference):
         layer.build(shape)
         layer.gamma.assign(gamma)
-        layer.beta.assign(np.arange(shape[-1], dtype="float32"))
+        layer.beta.assign(np.arange(shape[-1], dtype=dtype))
     run = tf.function(_bn_run, jit_compile=True) if jit else _bn_run
     got, want = run(ours, x, upstream), _bn_run(reference, x, upstream)
     for name, a, b in zip(["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"], got, want):
@@ -386,18 +387,14 @@ def test_closed_form_batch_norm_falls_back_to_keras_where_it_does_not_apply():
 
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_closed_form_batch_norm_equals_keras_with_and_without_onednn_kernels(onednn):
-    """The comparison above in a fresh process with oneDNN's kernels on and off.
-
-    This process's TensorFlow loaded before mtl_keras could choose (tests/conftest.py);
-    users get oneDNN on (mtl_keras/__init__.py).
-    """
+    """The comparison above in a fresh process with oneDNN's kernels on (users' default) and off."""
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
     script = (
         "from tensorflow.python.util import _pywrap_util_port as port\n"
         f"assert port.IsMklEnabled() == {onednn == '1'}\n"
         "import tests.test_layers as t\n"
         "for shape in [(16, 6, 6, 5), (32, 7), (64, 16, 16, 8)]:\n"
-        "    t.test_closed_form_batch_norm_equals_keras_batch_norm(shape, False)\n"
+        "    t.test_closed_form_batch_norm_equals_keras_batch_norm(shape, False, 'float32')\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

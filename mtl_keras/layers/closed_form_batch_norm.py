@@ -35,7 +35,8 @@ def batch_norm_training(x, gamma, beta, epsilon):
     the closed form in separate ops, which XLA fuses itself.
 
     Args:
-        x: `[..., C]` float32 tensor, of rank 2 or more.
+        x: `[..., C]` float tensor, of rank 2 or more (the fused op runs
+            on float32; other types take the separate ops).
         gamma: `[C]` scale.
         beta: `[C]` offset.
         epsilon: added to the variance.
@@ -46,7 +47,7 @@ def batch_norm_training(x, gamma, beta, epsilon):
         no gradient flows through them: `y`'s gradient already accounts for
         them).
     """
-    if in_xla():
+    if in_xla() or x.dtype != tf.float32:  # the fused op takes no float64
         return _separate_ops_batch_norm_training(x, gamma, beta, epsilon)
     shape = tf.shape(x)
     channels = x.shape[-1]
