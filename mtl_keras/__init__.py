@@ -3,13 +3,6 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN kernels on by itself only on CPUs with
-# AVX-512 VNNI / BF16 or AMX. Elsewhere (AMD, older Intel) they make a
-# training step of a conv trunk 1.4-1.5x faster (docs/BENCHMARKS.md,
-# "Issue 10, fourth round"). An environment variable read when TensorFlow
-# loads, so this takes effect only if mtl_keras is imported first; the
-# user's own TF_ENABLE_ONEDNN_OPTS wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from mtl_keras.backbones import conv_backbone, routing_layers, vgg_filters  # noqa: E402
 from mtl_keras.layers import SameConv2D, TaskHead, TaskHeads, TaskRouting, routing_masks  # noqa: E402
