@@ -7,6 +7,7 @@ they are public so that a custom training loop or another model can use them.
 import math
 
 import keras
+import numpy as np
 
 from mtl_keras.input_checks import empty_data_message
 
@@ -46,8 +47,13 @@ def _task_names(model, keys, prefix=""):
     return [n for n in names if n in per_task] or per_task
 
 
+def non_finite_weights(model):
+    """Paths of `model`'s weights (trainable or not) that hold a NaN or an infinity, in model order."""
+    return [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w.value)).all()]
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops training at the first NaN or infinite loss and names the tasks whose loss it was.
+    """Stops training at the first NaN or infinite loss, or weight, and names the tasks or weights.
 
     Reads the per-task losses (`<task>/loss`) and the total (`loss`) that
     `MultiTaskModel` logs after every step; they are running means over the
@@ -57,6 +63,12 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     keeps its last good epoch), and at the end of `evaluate` (or a
     validation pass) whose loss is not finite, so a broken model is never
     reported as trained.
+
+    A loss can stay finite while weights are not: a max pool passes the
+    finite value of a window that also holds a NaN, and a batch norm's
+    moving statistics never reach a training loss. So every epoch's end also
+    scans the model's weights (one pass over them, before the epoch's other
+    callbacks) and raises `NonFiniteLossError` naming the weights.
 
     Costs a scan of the step's logs, which Keras' TensorFlow trainer turns
     into Python floats for its callbacks after every step anyway (it never
@@ -96,7 +108,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         )
 
     def on_epoch_end(self, epoch, logs=None):
+        self._check_weights(epoch)
         self._check_evaluation(logs, "val_", "validation")
+
+    def _check_weights(self, epoch):
+        bad = non_finite_weights(self.model)
+        if not bad:
+            return
+        shown = ", ".join(repr(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteLossError(
+            f"The weight(s) {shown} went NaN or infinite in epoch {epoch + 1}, while every training loss logged "
+            "stayed finite (a max pool or a ReLU can hide a NaN from the loss, and moving statistics never reach "
+            "it); training stopped and the model must not be used or exported. Lower the learning rate (--lr in "
+            "the apps), look for extreme labels or inputs, or clip gradients (an optimizer with clipnorm).",
+            epoch=epoch,
+        )
 
     def on_test_end(self, logs=None):
         if not self._training:

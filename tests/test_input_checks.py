@@ -328,6 +328,26 @@ def test_a_huge_learning_rate_is_stopped_at_its_first_non_finite_loss():
     assert error.value.tasks and set(error.value.tasks) <= {"a", "b", "c", "d"}
 
 
+def test_a_weight_gone_nan_behind_finite_losses_stops_the_epoch_and_is_named():
+    """A batch norm's moving variance never reaches a training loss: only the weights' scan sees it."""
+    model = small_model()
+    x, y = per_example_batch(n=48)
+
+    class PlantNaN(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                variance = self.model.get_layer("conv_backbone").get_layer("block1_bn0").moving_variance
+                variance.assign(np.where(np.arange(variance.shape[0]) == 3, np.inf, variance.numpy()))
+
+    later = _Recorder()
+    with pytest.raises(NonFiniteLossError, match="went NaN or infinite in epoch 1") as error:
+        model.fit(dataset(x, y), epochs=2, verbose=0, callbacks=[PlantNaN(), later])
+    assert "weight(s) 'block1_bn0/moving_variance' went" in str(error.value) and "block0" not in str(error.value)
+    assert error.value.epoch == 0 and error.value.tasks == []
+    # Every step's losses were finite, and the epoch's end was refused before a later callback saw it.
+    assert later.batches == [0, 1, 2, 3] and later.epochs == []
+
+
 def test_evaluation_with_a_non_finite_loss_is_refused_and_the_guard_can_be_turned_off():
     model, data = _exploding_regression(planted_batch=0, n_batches=1)
     with pytest.raises(NonFiniteLossError, match=r"The evaluation loss of task\(s\) 'r' is NaN or infinite"):
