@@ -21,6 +21,8 @@ def test_op_kind_sorts_by_type_and_puts_the_optimizer_first():
 
 def test_op_kind_reads_through_onednn_rewrites():
     assert op_profile.op_kind("x/Conv2DBackpropFilter", "_MklNativeConv2DBackpropFilter") == "convolution"
+    assert op_profile.op_kind("x/Conv2D_3", "_MklNativePadWithConv2D") == "convolution"
+    assert op_profile.op_kind("x/MatMul", "_MklFusedMatMul") == "matmul"
     assert op_profile.op_kind("x/MaxPoolGrad", "_MklMaxPoolGrad") == "pooling"
     assert op_profile.op_kind("x/MatMul", "_MklMatMul") == "matmul"
     assert op_profile.op_kind("x/bn", "_MklFusedBatchNormV3") == op_profile.OTHER_KIND

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from mtl_keras.layers import SameConv2D
+from mtl_keras.layers.same_conv import FILTER_GRADIENT_AS_CONV_MAX_PIXELS, kernel_gradient
 
 
 def twins(filters, kernel_size, in_channels, **kwargs):
@@ -37,6 +38,29 @@ def test_outputs_and_both_gradients_are_conv2ds(kernel_size, in_channels, filter
 
     for a, b in zip(outputs_and_gradients(reference), outputs_and_gradients(fast), strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width, kernel_shape", [
+    (8, 8, (3, 3, 5, 7)),      # at the limit: a forward convolution
+    (4, 2, (5, 3, 3, 2)),      # a kernel larger than the map
+    (1, 6, (1, 5, 2, 4)),
+    (9, 8, (3, 3, 2, 3)),      # past the limit: Conv2DBackpropFilter
+])
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_kernel_gradient_equals_conv2d_backprop_filter(height, width, kernel_shape, mode):
+    rng = np.random.default_rng(height * width)
+    x = tf.constant(rng.normal(size=(6, height, width, kernel_shape[2])).astype("float32"))
+    dy = tf.constant(rng.normal(size=(6, height, width, kernel_shape[3])).astype("float32"))
+    as_conv = height * width <= FILTER_GRADIENT_AS_CONV_MAX_PIXELS
+    fn = {"eager": kernel_gradient, "graph": tf.function(kernel_gradient),
+          "xla": tf.function(kernel_gradient, jit_compile=True)}[mode]
+    graph = tf.function(kernel_gradient).get_concrete_function(x, dy, kernel_shape).graph
+    assert any(op.type == "Conv2DBackpropFilter" for op in graph.get_operations()) == (not as_conv)
+    expected = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=list(kernel_shape), out_backprop=dy,
+                                               strides=[1, 1, 1, 1], padding="SAME")
+    got = fn(x, dy, kernel_shape)
+    assert got.shape == kernel_shape
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_it_traces_in_a_compiled_step_and_under_mixed_precision():

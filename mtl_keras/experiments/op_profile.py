@@ -23,8 +23,10 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 # Kinds of ops, by TensorFlow op type; anything else is "elementwise and reductions".
 KINDS = {
     "convolution": ("Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropInput", "DepthwiseConv2dNative",
-                    "DepthwiseConv2dNativeBackpropFilter", "DepthwiseConv2dNativeBackpropInput", "_FusedConv2D"),
-    "matmul": ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "_FusedMatMul"),
+                    "DepthwiseConv2dNativeBackpropFilter", "DepthwiseConv2dNativeBackpropInput", "_FusedConv2D",
+                    # oneDNN's fused forms, named without their "_Mkl..." prefix.
+                    "FusedConv2D", "PadWithConv2D", "PadWithFusedConv2D"),
+    "matmul": ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "_FusedMatMul", "FusedMatMul"),
     "pooling": ("MaxPool", "MaxPoolGrad", "MaxPoolV2", "MaxPoolGradV2", "AvgPool", "AvgPoolGrad"),
     "data movement": ("GatherV2", "ResourceGather", "UnsortedSegmentSum", "ScatterNd", "TensorScatterUpdate",
                       "Pack", "Unpack", "ConcatV2", "Split", "SplitV", "Tile", "Transpose", "ReverseV2", "Slice",
