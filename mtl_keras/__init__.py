@@ -3,6 +3,15 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow turns its oneDNN kernels on by itself only on CPUs with
+# AVX-512 VNNI / BF16 or AMX. Elsewhere (AMD, older Intel) they make a
+# training step of a conv trunk about 1.5x faster (docs/BENCHMARKS.md,
+# "Issue 10"). An environment variable read when TensorFlow loads, so this
+# takes effect only if mtl_keras is imported first (the apps do); the
+# user's own TF_ENABLE_ONEDNN_OPTS wins. oneDNN's ReLU and pooling can pass
+# a finite value where Eigen's would pass a NaN; a NaN that never reaches
+# the loss is caught by `StopOnNonFiniteLoss`'s scan of the weights.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from mtl_keras.backbones import conv_backbone, routing_layers, vgg_filters  # noqa: E402
 from mtl_keras.layers import SameConv2D, TaskHead, TaskHeads, TaskRouting, routing_masks  # noqa: E402

@@ -5,11 +5,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-# Every process of the suite runs TensorFlow's own choice of oneDNN kernels
-# (TF_ENABLE_ONEDNN_OPTS unset: off on this AMD CPU). Tests compare a
-# subprocess's weights with this process's bit for bit, so the choice must be
-# the same everywhere. tests/test_layers.py checks batch norm with oneDNN on
-# and off.
+# oneDNN's kernels as users get them (mtl_keras/__init__.py), pinned in the
+# environment before TensorFlow loads so that this process and every process
+# a test starts compute alike: tests compare a subprocess's weights with this
+# process's bit for bit (tests/test_faults_resume.py), and oneDNN's kernels
+# round differently from Eigen's. tests/test_layers.py checks batch norm
+# with them on and off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 import tensorflow as tf  # noqa: E402
 
 # MirroredStrategy tests need two devices; logical devices can only be set
