@@ -43,14 +43,14 @@ import argparse
 import functools
 import time
 
-from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
-from mtl_keras.experiments.grouping import (  # noqa: E402
+from mtl_keras.app_errors import exit_on_user_error
+from mtl_keras.experiments.grouping import (
     GROUPING_SETTINGS, HEAD_UNITS, HIDDEN, SETTING, plot_grouping, run_setting, run_sweeps, summarise,
 )
-from mtl_keras.experiments.grouping_real import SETS, TRAINING, run_real, signal_names, summarise_real  # noqa: E402
-from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
-from mtl_keras.reporting import text_table, write_json  # noqa: E402
-from mtl_keras.sharing import SelectiveSharing, plot_affinity  # noqa: E402
+from mtl_keras.experiments.grouping_real import SETS, TRAINING, run_real, signal_names, summarise_real
+from mtl_keras.experiments.provenance import RunProvenance, run_directory
+from mtl_keras.reporting import text_table, write_json
+from mtl_keras.sharing import SelectiveSharing, plot_affinity
 
 
 def parse_args(argv=None):

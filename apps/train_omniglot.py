@@ -20,26 +20,26 @@ import time
 from pathlib import Path
 
 import mtl_keras  # noqa: F401  (first: sets TensorFlow's environment defaults before it loads)
-import keras  # noqa: E402
+import keras
 
-from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
-from mtl_keras.data.omniglot import serving_preprocessing  # noqa: E402
-from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
-from mtl_keras.distribute import (  # noqa: E402
+from mtl_keras.app_errors import exit_on_user_error
+from mtl_keras.data.omniglot import serving_preprocessing
+from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args
+from mtl_keras.distribute import (
     BackupAndRestore, backup_dir_for_worker, enable_determinism, epoch_stream, get_strategy, is_chief,
     prepare_for_replicas, resume_epoch, train_steps,
 )
-from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
-from mtl_keras.experiments.reports import task_table, training_report  # noqa: E402
-from mtl_keras.experiments.training import build_model  # noqa: E402
-from mtl_keras.export import export_for_serving  # noqa: E402
-from mtl_keras.input_checks import require_one_global_batch  # noqa: E402
-from mtl_keras.plots import plot_task_bars  # noqa: E402
-from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
-from mtl_keras.progress import CompactProgbar  # noqa: E402
-from mtl_keras.reporting import ensure_writable_dir, write_json  # noqa: E402
-from mtl_keras.sharing import selective_sharing, sharing_options  # noqa: E402
-from mtl_keras.tensorboard import MultiTaskTensorBoard  # noqa: E402
+from mtl_keras.experiments.provenance import RunProvenance, run_directory
+from mtl_keras.experiments.reports import task_table, training_report
+from mtl_keras.experiments.training import build_model
+from mtl_keras.export import export_for_serving
+from mtl_keras.input_checks import require_one_global_batch
+from mtl_keras.plots import plot_task_bars
+from mtl_keras.presets import add_config_arguments, config_from_args
+from mtl_keras.progress import CompactProgbar
+from mtl_keras.reporting import ensure_writable_dir, write_json
+from mtl_keras.sharing import selective_sharing, sharing_options
+from mtl_keras.tensorboard import MultiTaskTensorBoard
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,16 +28,16 @@ import argparse
 import time
 
 import mtl_keras  # noqa: F401  (first: sets TensorFlow's environment defaults before it loads)
-import keras  # noqa: E402
+import keras
 
-from mtl_keras.app_errors import exit_on_user_error  # noqa: E402
-from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args  # noqa: E402
-from mtl_keras.distribute import get_strategy, prepare_for_replicas  # noqa: E402
-from mtl_keras.experiments.provenance import RunProvenance, run_directory  # noqa: E402
-from mtl_keras.experiments.training import backbone_builder  # noqa: E402
-from mtl_keras.presets import add_config_arguments, config_from_args  # noqa: E402
-from mtl_keras.reporting import per_task, write_json  # noqa: E402
-from mtl_keras.tuning import (  # noqa: E402
+from mtl_keras.app_errors import exit_on_user_error
+from mtl_keras.data.omniglot_flags import add_omniglot_arguments, load_omniglot_from_args
+from mtl_keras.distribute import get_strategy, prepare_for_replicas
+from mtl_keras.experiments.provenance import RunProvenance, run_directory
+from mtl_keras.experiments.training import backbone_builder
+from mtl_keras.presets import add_config_arguments, config_from_args
+from mtl_keras.reporting import per_task, write_json
+from mtl_keras.tuning import (
     OBJECTIVE_NAME, TUNERS, SigmaHyperModel, check_best_model, check_saved_model, make_tuner, plot_objective,
     search, trials_table, trials_text_table,
 )

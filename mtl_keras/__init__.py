@@ -8,9 +8,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # training step of a conv trunk about 1.5x faster (docs/BENCHMARKS.md,
 # "Issue 10"). An environment variable read when TensorFlow loads, so this
 # takes effect only if mtl_keras is imported first (the apps do); the
-# user's own TF_ENABLE_ONEDNN_OPTS wins. oneDNN's ReLU and pooling can pass
-# a finite value where Eigen's would pass a NaN; a NaN that never reaches
-# the loss is caught by `StopOnNonFiniteLoss`'s scan of the weights.
+# user's own TF_ENABLE_ONEDNN_OPTS wins. A NaN weight can hide behind a
+# finite loss with either kernel set (a max pool passes a window's finite
+# values; oneDNN's fused convolution + ReLU passed some NaNs as 0 in a
+# probe): `StopOnNonFiniteLoss` scans the weights at every epoch's end.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from mtl_keras.backbones import conv_backbone, routing_layers, vgg_filters  # noqa: E402

@@ -142,7 +142,8 @@ def load_state_of_other_layout(optimizer, store, other_shapes, to_this_layout):
 
     Returns:
         True when the state was loaded; False when the store does not match
-        the other layout either (nothing is changed then).
+        the other layout either, or a slot kind cannot be converted to this
+        layout (nothing is changed then).
     """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return False  # its own variables (the loss scale) would need a twin of the wrapper too
@@ -160,11 +161,22 @@ def load_state_of_other_layout(optimizer, store, other_shapes, to_this_layout):
     theirs, ours = _slot_lists(twin), _slot_lists(inner)
     if set(theirs) != set(ours):
         return False
+    # Every kind converted and checked before any is assigned: a kind that
+    # cannot be converted (factored moments, say) leaves the optimizer as it was.
+    assignments = []
     for name, slots in theirs.items():
-        converted = to_this_layout([None if x is None else np.asarray(x.numpy()) for x in slots])
+        try:
+            converted = to_this_layout([None if x is None else np.asarray(x.numpy()) for x in slots])
+        except (ValueError, TypeError, IndexError):
+            return False
         for target, value in zip(ours[name], converted):
-            if target is not None and value is not None:
-                target.assign(value)
+            if target is None or value is None:
+                continue
+            if tuple(np.shape(value)) != tuple(target.shape):
+                return False
+            assignments.append((target, value))
+    for target, value in assignments:
+        target.assign(value)
     in_slots = lambda o: {id(x) for slots in _slot_lists(o).values() for x in slots if x is not None}
     their_other = [v for v in twin.variables if id(v) not in in_slots(twin)]
     our_other = [v for v in inner.variables if id(v) not in in_slots(inner)]
