@@ -16,14 +16,15 @@ Summed over the batch, `dkernel[i, j, c, o] = sum x_padded[n, y+i, x+j, c]
 * dy[n, y, x, o]`: a convolution of the input, its channels taken as the
 batch and its batch as the channels (`[C, H, W, N]`, padded as the layer
 pads), with the output gradient as an `[H, W, N, O]` filter. On maps of at
-most `FILTER_GRADIENT_AS_CONV_MAX_PIXELS` pixels, timed op by op on this
-machine: 1.5-1.9x faster than TensorFlow's `Conv2DBackpropFilter` with
-oneDNN's kernels (the trunk's 8x8 and 4x4 blocks, 64 to 256 channels), 1.0-1.3x
-with Eigen's, and within half a millisecond either way on layers of a few
-channels; a whole routed T = 50 training step is 8-10% faster with oneDNN,
-1% with Eigen. On 16x16 maps and larger `Conv2DBackpropFilter` is as fast
-or faster (also when the maps are cut into 8x8 tiles), and it is kept
-there, under XLA, and for maps of unknown size.
+most `FILTER_GRADIENT_AS_CONV_MAX_PIXELS` pixels, timed op by op on the
+machine of docs/BENCHMARKS.md: 1.3-1.9x faster than TensorFlow's
+`Conv2DBackpropFilter` with oneDNN's kernels (8x8 to 2x2 maps, 64 to 256
+channels), about even with Eigen's (0.8-1.5x), and within half a
+millisecond either way on layers of a few channels; a whole routed T = 50
+training step is 7-10% faster with oneDNN, 1% with Eigen. On 16x16 maps
+and larger `Conv2DBackpropFilter` is as fast or faster (also when the maps
+are cut into 8x8 tiles), and it is kept there, under XLA, and for maps of
+unknown size.
 """
 
 import keras
