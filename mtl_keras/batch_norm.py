@@ -81,6 +81,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtl_keras.callbacks import non_finite_weights
+
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
 
@@ -146,8 +148,7 @@ def recalibrate_batch_norm(model, data, steps=None):
     layers = batch_norm_layers(_trunk(model))
     if not layers:
         return 0
-    weights = _trunk(model).trainable_weights
-    if not all(np.isfinite(np.asarray(w)).all() for w in weights):
+    if non_finite_weights(_trunk(model).trainable_weights):
         # Statistics of non-finite weights mean nothing; leave them for the
         # caller that stops on the NaN to report.
         warnings.warn("Batch-norm statistics not re-estimated: the model's weights are not finite.", stacklevel=2)

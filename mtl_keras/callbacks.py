@@ -47,9 +47,9 @@ def _task_names(model, keys, prefix=""):
     return [n for n in names if n in per_task] or per_task
 
 
-def non_finite_weights(model):
-    """Paths of `model`'s weights (trainable or not) that hold a NaN or an infinity, in model order."""
-    return [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w.value)).all()]
+def non_finite_weights(weights):
+    """Paths of the `weights` (Keras variables, e.g. a model's `.weights`) that hold a NaN or an infinity, in order."""
+    return [w.path for w in weights if not np.isfinite(keras.ops.convert_to_numpy(w.value)).all()]
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -112,7 +112,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self._check_evaluation(logs, "val_", "validation")
 
     def _check_weights(self, epoch):
-        bad = non_finite_weights(self.model)
+        bad = non_finite_weights(self.model.weights)
         if not bad:
             return
         shown = ", ".join(repr(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
