@@ -18,8 +18,9 @@ from mtl_keras.backbones import conv_backbone, routing_layers, vgg_filters  # no
 from mtl_keras.layers import SameConv2D, TaskHead, TaskHeads, TaskRouting, routing_masks  # noqa: E402
 from mtl_keras.metrics import PerTaskMean  # noqa: E402
 from mtl_keras.model import MultiTaskModel  # noqa: E402
-# Registers the learning-rate schedule, so `import mtl_keras` is all that
-# loading a saved model (whose optimizer holds the schedule) needs.
+# Registers the optimizers and the learning-rate schedule, so `import mtl_keras`
+# is all that loading a saved model (whose optimizer holds them) needs.
+from mtl_keras.fused_adam import FusedAdam  # noqa: E402
 from mtl_keras.lazy_adam import LazyAdam  # noqa: E402
 from mtl_keras.schedules import WarmupStableDecay  # noqa: E402
 from mtl_keras.tasks import Task, TaskSet  # noqa: E402

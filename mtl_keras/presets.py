@@ -28,7 +28,7 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 # Keras dtype policies a model can train in (keras.mixed_precision).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-# adam: keras.optimizers.Adam; lazy_adam: mtl_keras.lazy_adam.LazyAdam.
+# adam: mtl_keras.fused_adam.FusedAdam (Keras' Adam, dense updates fused); lazy_adam: mtl_keras.lazy_adam.LazyAdam.
 OPTIMIZERS = ("adam", "lazy_adam")
 
 
@@ -100,7 +100,8 @@ class TrainConfig:
     # training
     epochs: int = _option(16, "training epochs", "training", positive=True)
     batch_size: int = _option(128, "global batch size (split over replicas)", "training", positive=True)
-    optimizer: str = _option("adam", "adam (Keras' Adam) or lazy_adam (Adam on the rows of the heads a batch uses "
+    optimizer: str = _option("adam", "adam (Keras' Adam, each dense update one fused op: "
+                             "mtl_keras.fused_adam) or lazy_adam (Adam on the rows of the heads a batch uses "
                              "only, so that with many tasks a step hardly grows with their count; heads without "
                              "examples keep weights and moments; mtl_keras.lazy_adam)", "training", OPTIMIZERS)
     lr: float = _option(2e-3, "Adam learning rate (the peak, with a schedule)", "training", positive=True)

@@ -136,7 +136,8 @@ def build_model(config, tasks, input_shape, sigma=None, weighting=None, seed=Non
 
 def make_optimizer(config, steps_per_epoch=None):
     """The optimizer `config.optimizer` names, at `learning_rate(config, steps_per_epoch)`."""
+    from mtl_keras.fused_adam import FusedAdam
     from mtl_keras.lazy_adam import LazyAdam
 
-    kinds = {"adam": keras.optimizers.Adam, "lazy_adam": LazyAdam}
+    kinds = {"adam": FusedAdam, "lazy_adam": LazyAdam}
     return kinds[config.optimizer](learning_rate(config, steps_per_epoch))
