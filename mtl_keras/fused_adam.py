@@ -12,8 +12,8 @@ them), each a pass over the variable and its moments. TensorFlow's
 which is Keras' arithmetic (epsilon outside the square root, the bias
 corrections folded into the step size), equal to float rounding. On the
 routed T = 50 benchmark step, whose stacked heads make the optimizer's update
-a few megabytes per step, it made the step 4-7% faster in same-process A/B
-runs (docs/BENCHMARKS.md).
+a few megabytes per step, the step was 1-7% faster (median 4%) in seven
+same-process A/B runs (docs/BENCHMARKS.md, issue 10's sixth round).
 
 Sparse gradients (`tf.IndexedSlices`), `amsgrad`, variables that are not
 float32 or float64, and backends other than TensorFlow take Keras' own

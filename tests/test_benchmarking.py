@@ -143,7 +143,8 @@ def test_issue_10_targets_judge_memory_at_every_t_and_steps_against_the_plain_mo
                                     "issue10_c_adam/benchmark.json", "issue10_d/benchmark.json",
                                     "issue10_d_lazy_adam/benchmark.json", "issue10_d_onednn_off/benchmark.json",
                                     "issue10_d_onednn_on/benchmark.json", "issue10_e/benchmark.json",
-                                    "issue10_e_onednn_off/benchmark.json", "issue10_e_onednn_on/benchmark.json"])
+                                    "issue10_e_onednn_off/benchmark.json", "issue10_e_onednn_on/benchmark.json",
+                                    "issue10_f/benchmark.json"])
 def test_the_committed_reports_still_give_their_figures(report):
     saved = json.loads((DOCS / "benchmarks" / report).read_text())
     found = {**targets(saved["results"]), **sharing_targets(saved["sharing"])}
