@@ -41,9 +41,8 @@ def _handle(variable):
 class FusedAdam(keras.optimizers.Adam):
     """`keras.optimizers.Adam` with each dense update fused into one op (see the module docstring).
 
-    Takes `keras.optimizers.Adam`'s arguments and keeps its variables and
-    their names, so checkpoints and `.keras` files of either load into the
-    other.
+    Takes `keras.optimizers.Adam`'s arguments and has Adam's variables, in
+    Adam's order and with Adam's names.
 
     Args:
         learning_rate, beta_1, beta_2, epsilon, amsgrad: as `keras.optimizers.Adam`.

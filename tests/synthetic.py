@@ -3,6 +3,24 @@
 import numpy as np
 
 
+def small_model(optimizer, strategy=None, batch_norm=True):
+    """The four tasks `per_example_batch` labels, on a routed 8x8 trunk with 6-unit heads, compiled with
+    `optimizer()` (built inside `strategy`'s scope, when given)."""
+    import keras
+    import tensorflow as tf
+
+    from mtl_keras import MultiTaskModel, Task, TaskSet, conv_backbone
+
+    keras.utils.set_random_seed(0)
+    tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "multiclass", 5), Task("c", "binary", 1),
+                     Task("d", "regression", 2)])
+    with (strategy or tf.distribute.get_strategy()).scope():
+        backbone = conv_backbone((8, 8, 1), 4, sigma=0.5, filters=(8, 8), seed=0, batch_norm=batch_norm)
+        model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0)
+        model.compile(optimizer=optimizer())
+    return model
+
+
 def per_example_batch(n=12, seed=0, num_tasks=4):
     """`({"image": [n, 8, 8, 1], "task": [n]}, y [n, 2])`, task ids cycling over `num_tasks`.
 

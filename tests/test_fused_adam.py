@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_keras import FusedAdam, MultiTaskModel, Task, TaskSet, conv_backbone
+from mtl_keras import FusedAdam
 from mtl_keras.experiments.training import make_optimizer
 from mtl_keras.presets import get_preset
-from synthetic import per_example_batch
+from synthetic import per_example_batch, small_model
 
 SHAPES = [(3, 3, 2, 4), (5,), (7, 3)]
 
@@ -114,17 +114,6 @@ def test_sparse_gradients_amsgrad_and_float16_variables_take_keras_adams_update(
     half = keras.Variable(np.ones((3,), "float16"), dtype="float16")
     FusedAdam(0.1).apply([tf.constant([1.0, -1.0, 0.0], "float16")], [half])
     np.testing.assert_allclose(half.numpy(), [0.9, 1.1, 1.0], atol=5e-3)  # float16 rounding
-
-
-def small_model(optimizer, strategy=None):
-    keras.utils.set_random_seed(0)
-    tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "multiclass", 5), Task("c", "binary", 1),
-                     Task("d", "regression", 2)])
-    with (strategy or tf.distribute.get_strategy()).scope():
-        backbone = conv_backbone((8, 8, 1), 4, sigma=0.5, filters=(8, 8), seed=0)
-        model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0)
-        model.compile(optimizer=optimizer())
-    return model
 
 
 def test_a_model_trains_as_with_adam_on_one_device_and_on_two_replicas_and_keeps_its_optimizer_in_files(tmp_path):

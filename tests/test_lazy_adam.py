@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_keras import LazyAdam, MultiTaskModel, Task, TaskSet, conv_backbone
+from mtl_keras import LazyAdam
 from mtl_keras.sparse_rows import sum_duplicate_rows
+import synthetic
 from synthetic import per_example_batch
 
 LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-7
@@ -97,14 +98,7 @@ def test_amsgrad_is_refused_with_the_fix():
 
 
 def small_model(strategy=None):
-    keras.utils.set_random_seed(0)
-    tasks = TaskSet([Task("a", "multiclass", 3), Task("b", "multiclass", 5), Task("c", "binary", 1),
-                     Task("d", "regression", 2)])
-    with (strategy or tf.distribute.get_strategy()).scope():
-        backbone = conv_backbone((8, 8, 1), 4, sigma=0.5, filters=(8, 8), seed=0, batch_norm=False)
-        model = MultiTaskModel(backbone, tasks, head_units=(6,), seed=0)
-        model.compile(optimizer=LazyAdam(0.01))
-    return model
+    return synthetic.small_model(lambda: LazyAdam(0.01), strategy, batch_norm=False)
 
 
 def test_a_model_step_moves_only_the_heads_of_the_batch_and_the_file_keeps_the_optimizer(tmp_path):
