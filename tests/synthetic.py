@@ -21,6 +21,18 @@ def small_model(optimizer, strategy=None, batch_norm=True):
     return model
 
 
+def assert_reload_keeps_the_optimizer(model, path, optimizer_class):
+    """Saves `model` to the `.keras` file `path`, loads it, and checks that the loaded model's optimizer
+    is an `optimizer_class` holding exactly the saved optimizer's variables."""
+    import keras
+
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, optimizer_class)
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def per_example_batch(n=12, seed=0, num_tasks=4):
     """`({"image": [n, 8, 8, 1], "task": [n]}, y [n, 2])`, task ids cycling over `num_tasks`.
 

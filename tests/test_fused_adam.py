@@ -8,7 +8,7 @@ import tensorflow as tf
 from mtl_keras import FusedAdam
 from mtl_keras.experiments.training import make_optimizer
 from mtl_keras.presets import get_preset
-from synthetic import per_example_batch, small_model
+from synthetic import assert_reload_keeps_the_optimizer, per_example_batch, small_model
 
 SHAPES = [(3, 3, 2, 4), (5,), (7, 3)]
 
@@ -135,11 +135,7 @@ def test_a_model_trains_as_with_adam_on_one_device_and_on_two_replicas_and_keeps
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(results["fused, two replicas"], results["fused"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    model.save(tmp_path / "fused.keras")
-    loaded = keras.saving.load_model(tmp_path / "fused.keras")
-    assert isinstance(loaded.optimizer, FusedAdam)
-    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert_reload_keeps_the_optimizer(model, tmp_path / "fused.keras", FusedAdam)
 
 
 def test_the_configs_adam_is_fused_adam():

@@ -112,11 +112,7 @@ def test_a_model_step_moves_only_the_heads_of_the_batch_and_the_file_keeps_the_o
     for b, v in zip(before, heads.stacked_estimator_variables()):
         np.testing.assert_array_equal(v.numpy()[2], b[2])  # task c's estimator: untouched
         assert np.all(np.any(v.numpy()[[0, 1, 3]] != b[[0, 1, 3]], axis=tuple(range(1, b.ndim))))
-    model.save(tmp_path / "lazy.keras")
-    loaded = keras.saving.load_model(tmp_path / "lazy.keras")
-    assert isinstance(loaded.optimizer, LazyAdam)
-    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    synthetic.assert_reload_keeps_the_optimizer(model, tmp_path / "lazy.keras", LazyAdam)
 
 
 def test_mirrored_two_replicas_match_one_device():
